@@ -1,0 +1,188 @@
+//! The command line, as clap structs that only mirror the flags. Turning them into validated
+//! settings happens in `config` and the commands, before any table is touched.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::{ByteSize, Collect, Dur, OnChangeCommit, OutputFormat, TableLocation, Tables};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sessionizer",
+    version,
+    about = "Turns a click-stream Delta table into user sessions, incrementally and exactly once.",
+    long_about = "Turns a click-stream Delta table into user sessions, incrementally and exactly once.\n\n\
+        Each `sessionize` run reads the events committed since the last run, folds them into the \
+        sessions still open, appends the sessions that closed, upserts the live table, records its \
+        progress, and exits. Run it from cron or Airflow as often as you like.",
+    after_help = "Quick start:\n  sessionizer demo\n  sessionizer generate-rows && sessionizer sessionize && sessionizer read-tables"
+)]
+pub struct Cli {
+    /// More log output on stderr (-v info, -vv debug). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors on stderr.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// One available-now run: read new events, close sessions, write sessions, live and state.
+    #[command(after_help = "Example:\n  sessionizer sessionize --gap 40m --watermark-delay 15m --output json")]
+    Sessionize(SessionizeArgs),
+    /// Append demo events to the events table in one commit.
+    #[command(after_help = "Examples:\n  sessionizer generate-rows\n  sessionizer generate-rows --closing\n  sessionizer generate-rows --users 100 --per-user 5 --seed 7")]
+    GenerateRows(GenerateArgs),
+    /// Print tables the way Spark's show() does.
+    #[command(after_help = "Example:\n  sessionizer read-tables --table sessions --limit 50")]
+    ReadTables(ReadArgs),
+    /// Where the checkpoint stands: versions processed and available, watermark, pending sessions.
+    #[command(after_help = "Example:\n  sessionizer status --output json")]
+    Status(StatusArgs),
+    /// The whole walkthrough on a fresh base directory, explaining each step.
+    #[command(after_help = "Example:\n  sessionizer demo --base-dir /tmp/sessionizer-demo")]
+    Demo(DemoArgs),
+}
+
+/// Where the tables are. Every location defaults to a folder under `--base-dir`.
+#[derive(Debug, Clone, Args)]
+pub struct TableArgs {
+    /// Folder under which the default table locations live.
+    #[arg(long, env = "SESSIONIZER_BASE_DIR", default_value = "/tmp/sessionizer")]
+    pub base_dir: TableLocation,
+    /// The events table (input) [default: <base-dir>/events].
+    #[arg(long, env = "SESSIONIZER_EVENTS")]
+    pub events: Option<TableLocation>,
+    /// The sessions table (append-only output) [default: <base-dir>/sessions].
+    #[arg(long, env = "SESSIONIZER_SESSIONS")]
+    pub sessions: Option<TableLocation>,
+    /// The live sessions table (MERGE-upserted) [default: <base-dir>/live_sessions].
+    #[arg(long, env = "SESSIONIZER_LIVE")]
+    pub live: Option<TableLocation>,
+    /// The checkpoint: progress, lock and pending state [default: <base-dir>/checkpoint].
+    #[arg(long, env = "SESSIONIZER_CHECKPOINT")]
+    pub checkpoint: Option<TableLocation>,
+    /// Keep late and invalid rows in this table (default: count them only).
+    #[arg(long, env = "SESSIONIZER_LATE_EVENTS")]
+    pub late_events: Option<TableLocation>,
+}
+
+impl TableArgs {
+    pub fn resolve(&self) -> Tables {
+        let base = &self.base_dir;
+        Tables {
+            events: self.events.clone().unwrap_or_else(|| base.join("events")),
+            sessions: self.sessions.clone().unwrap_or_else(|| base.join("sessions")),
+            live: self.live.clone().unwrap_or_else(|| base.join("live_sessions")),
+            checkpoint: self
+                .checkpoint
+                .clone()
+                .unwrap_or_else(|| base.join("checkpoint")),
+            late_events: self.late_events.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SessionizeArgs {
+    #[command(flatten)]
+    pub tables: TableArgs,
+    /// Key column(s), comma-separated for a composite key.
+    #[arg(long, env = "SESSIONIZER_KEY", default_value = "user_id")]
+    pub key: String,
+    /// Event-time column: timestamp, timestamp_ntz, or integer epoch milliseconds.
+    #[arg(long, env = "SESSIONIZER_TIME_COLUMN", default_value = "visit_time")]
+    pub time_column: String,
+    /// Inactivity gap that ends a session (90s, 15m, 2h, 1d).
+    #[arg(long, env = "SESSIONIZER_GAP", default_value = "30m")]
+    pub gap: Dur,
+    /// How far behind the largest event time the watermark trails.
+    #[arg(long, env = "SESSIONIZER_WATERMARK_DELAY", default_value = "15m")]
+    pub watermark_delay: Dur,
+    /// Columns kept per event in visited_pages: auto (page if present), none, or COL[,COL…].
+    #[arg(long, env = "SESSIONIZER_COLLECT", default_value = "auto")]
+    pub collect: Collect,
+    /// Numeric columns summed per session into <COL>_sum.
+    #[arg(long, env = "SESSIONIZER_SUM", value_delimiter = ',')]
+    pub sum: Vec<String>,
+    /// Close every pending session now (end of a backfill, end of a day).
+    #[arg(long, env = "SESSIONIZER_FLUSH")]
+    pub flush: bool,
+    /// Summary format; json prints one object on stdout.
+    #[arg(long, env = "SESSIONIZER_OUTPUT", value_enum, default_value = "text")]
+    pub output: OutputFormat,
+    /// What to do with source commits that remove data (DELETE, UPDATE, MERGE, overwrite).
+    #[arg(long, env = "SESSIONIZER_ON_CHANGE_COMMIT", value_enum, default_value = "fail")]
+    pub on_change_commit: OnChangeCommit,
+    /// Cut a backlog into batches of at most this many data files (at version boundaries).
+    #[arg(long, env = "SESSIONIZER_MAX_FILES_PER_BATCH", default_value_t = 1000)]
+    pub max_files_per_batch: usize,
+    /// Cut a backlog into batches of at most this many bytes of data files (512MiB, 2GiB).
+    #[arg(long, env = "SESSIONIZER_MAX_BYTES_PER_BATCH")]
+    pub max_bytes_per_batch: Option<ByteSize>,
+    /// For a new checkpoint only: the first events version to read.
+    #[arg(long, env = "SESSIONIZER_STARTING_VERSION")]
+    pub starting_version: Option<u64>,
+    /// Take over a lock left by another run even if it has not expired.
+    #[arg(long)]
+    pub break_lock: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub tables: TableArgs,
+    /// Append one event of a new user 61 minutes after the latest event in the table.
+    #[arg(long)]
+    pub closing: bool,
+    /// Random mode: this many users (ids 1..=N).
+    #[arg(long)]
+    pub users: Option<u64>,
+    /// Random mode: events per user.
+    #[arg(long)]
+    pub per_user: Option<u64>,
+    /// Event time of the rows (RFC 3339 or `YYYY-MM-DD HH:MM:SS`, UTC) [default: now].
+    #[arg(long)]
+    pub at: Option<String>,
+    /// Seed of the random mode.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TableChoice {
+    Events,
+    Sessions,
+    Live,
+    Pending,
+    Late,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReadArgs {
+    #[command(flatten)]
+    pub tables: TableArgs,
+    /// Which table to print (default: events, sessions, live and pending).
+    #[arg(long, value_enum)]
+    pub table: Option<TableChoice>,
+    /// Rows to print per table.
+    #[arg(long, default_value_t = 20)]
+    pub limit: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub tables: TableArgs,
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// The demo's own folder; its four tables are deleted and recreated.
+    #[arg(long, default_value = "/tmp/sessionizer-demo")]
+    pub base_dir: TableLocation,
+}

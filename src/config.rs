@@ -1,0 +1,372 @@
+//! From raw flags to one validated [`Settings`], before any I/O.
+//!
+//! Flag values have their own types ([`Dur`], [`ByteSize`], [`TableLocation`], [`Collect`],
+//! [`OnChangeCommit`]) with `FromStr` and `Display`, so clap rejects a bad value with a message
+//! that names the flag, and nothing has been read or written yet. Environment variables
+//! (`SESSIONIZER_*`) are read by clap itself, below flags in precedence.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use url::Url;
+
+/// A duration of event time, written `500ms`, `90s`, `15m`, `2h`, `1d` (or `0`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur {
+    micros: i64,
+}
+
+impl Dur {
+    pub const fn from_micros(micros: i64) -> Self {
+        Self { micros }
+    }
+    pub const fn from_minutes(m: i64) -> Self {
+        Self {
+            micros: m * 60_000_000,
+        }
+    }
+    pub const fn as_micros(self) -> i64 {
+        self.micros
+    }
+}
+
+impl FromStr for Dur {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        if t == "0" {
+            return Ok(Self { micros: 0 });
+        }
+        let split = t
+            .find(|c: char| !c.is_ascii_digit())
+            .ok_or_else(|| format!("`{s}` has no unit; write it like 90s, 15m, 2h or 1d"))?;
+        let (num, unit) = t.split_at(split);
+        let n: i64 = num
+            .parse()
+            .map_err(|_| format!("`{s}` is not a duration; write it like 90s, 15m, 2h or 1d"))?;
+        let per: i64 = match unit {
+            "ms" => 1_000,
+            "s" => 1_000_000,
+            "m" | "min" => 60_000_000,
+            "h" => 3_600_000_000,
+            "d" => 86_400_000_000,
+            _ => {
+                return Err(format!(
+                    "`{s}` has an unknown unit `{unit}`; use ms, s, m, h or d (e.g. 15m)"
+                ));
+            }
+        };
+        n.checked_mul(per)
+            .map(|micros| Self { micros })
+            .ok_or_else(|| format!("`{s}` is too long a duration"))
+    }
+}
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let us = self.micros;
+        for (unit, per) in [
+            ("d", 86_400_000_000),
+            ("h", 3_600_000_000),
+            ("m", 60_000_000),
+            ("s", 1_000_000),
+            ("ms", 1_000),
+        ] {
+            if us != 0 && us % per == 0 {
+                return write!(f, "{}{unit}", us / per);
+            }
+        }
+        if us == 0 {
+            write!(f, "0")
+        } else {
+            write!(f, "{us}us")
+        }
+    }
+}
+
+/// A size in bytes, written `4096`, `64KiB`, `512MiB`, `1GiB` (or `KB`/`MB`/`GB`, decimal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("`{s}` is not a size; write it like 512MiB or 1GiB"))?;
+        let per: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" => 1_000,
+            "kib" => 1 << 10,
+            "m" | "mb" => 1_000_000,
+            "mib" => 1 << 20,
+            "g" | "gb" => 1_000_000_000,
+            "gib" => 1 << 30,
+            _ => return Err(format!("`{s}` has an unknown unit; use B, KiB, MiB or GiB")),
+        };
+        n.checked_mul(per)
+            .map(ByteSize)
+            .ok_or_else(|| format!("`{s}` is too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}B", self.0)
+    }
+}
+
+/// Where a table lives: a local path, `file://…`, or an object-store URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableLocation {
+    url: Url,
+}
+
+impl TableLocation {
+    pub fn url(&self) -> &Url {
+        &self.url
+    }
+    /// The local directory, when the table is on the local filesystem.
+    pub fn local_path(&self) -> Option<PathBuf> {
+        (self.url.scheme() == "file")
+            .then(|| self.url.to_file_path().ok())
+            .flatten()
+    }
+    /// A location below this one (`<self>/<name>`).
+    pub fn join(&self, name: &str) -> TableLocation {
+        let mut url = self.url.clone();
+        if !url.path().ends_with('/') {
+            url.set_path(&format!("{}/", url.path()));
+        }
+        TableLocation {
+            url: url.join(&format!("{name}/")).expect("a plain child name joins"),
+        }
+    }
+    pub fn from_path(p: &Path) -> Result<Self, String> {
+        let abs = std::path::absolute(p).map_err(|e| format!("`{}`: {e}", p.display()))?;
+        let url = Url::from_directory_path(&abs)
+            .map_err(|_| format!("`{}` is not a usable directory path", p.display()))?;
+        Ok(Self { url })
+    }
+}
+
+impl FromStr for TableLocation {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.trim().is_empty() {
+            return Err("a table location cannot be empty".into());
+        }
+        if s.contains("://") {
+            let mut url = Url::parse(s).map_err(|e| format!("`{s}` is not a valid URL: {e}"))?;
+            match url.scheme() {
+                "file" | "memory" | "s3" | "s3a" | "az" | "abfs" | "abfss" | "gs" => {}
+                other => {
+                    return Err(format!(
+                        "`{s}`: the scheme `{other}` is not supported; use a local path, file://, s3://, az:// or gs://"
+                    ));
+                }
+            }
+            if !url.path().ends_with('/') {
+                let p = format!("{}/", url.path());
+                url.set_path(&p);
+            }
+            Ok(Self { url })
+        } else {
+            Self::from_path(Path::new(s))
+        }
+    }
+}
+
+impl fmt::Display for TableLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.local_path() {
+            Some(p) => write!(f, "{}", p.display()),
+            None => write!(f, "{}", self.url),
+        }
+    }
+}
+
+/// What `visited_pages` collects: `auto` (the `page` column when the events have one),
+/// `none`, or a list of columns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Collect {
+    Auto,
+    None,
+    Columns(Vec<String>),
+}
+
+impl FromStr for Collect {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "auto" => Ok(Collect::Auto),
+            "none" | "" => Ok(Collect::None),
+            list => Ok(Collect::Columns(split_list(list))),
+        }
+    }
+}
+
+impl fmt::Display for Collect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Collect::Auto => write!(f, "auto"),
+            Collect::None => write!(f, "none"),
+            Collect::Columns(c) => write!(f, "{}", c.join(",")),
+        }
+    }
+}
+
+/// What to do with a source commit that removes data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnChangeCommit {
+    /// Stop the run with an error naming the version (the default).
+    Fail,
+    /// Skip the commit's removals and read only what it added.
+    Skip,
+}
+
+/// How the run summary is printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+/// Splits `a,b , c` into names.
+pub fn split_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+/// The four table locations of a run, after defaults under `--base-dir`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tables {
+    pub events: TableLocation,
+    pub sessions: TableLocation,
+    pub live: TableLocation,
+    pub checkpoint: TableLocation,
+    pub late_events: Option<TableLocation>,
+}
+
+/// Everything `sessionize` needs, validated.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub tables: Tables,
+    pub keys: Vec<String>,
+    pub time_column: String,
+    pub gap: Dur,
+    pub watermark_delay: Dur,
+    pub collect: Collect,
+    pub sums: Vec<String>,
+    pub flush: bool,
+    pub output: OutputFormat,
+    pub on_change_commit: OnChangeCommit,
+    pub max_files_per_batch: usize,
+    pub max_bytes_per_batch: Option<ByteSize>,
+    pub starting_version: Option<u64>,
+    pub break_lock: bool,
+}
+
+impl Settings {
+    /// Cross-field checks that clap cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.keys.is_empty() {
+            return Err("--key needs at least one column name".into());
+        }
+        if self.gap.as_micros() <= 0 {
+            return Err(format!("--gap must be positive, got {}", self.gap));
+        }
+        if self.watermark_delay.as_micros() < 0 {
+            return Err("--watermark-delay cannot be negative".into());
+        }
+        if self.max_files_per_batch == 0 {
+            return Err("--max-files-per-batch must be at least 1".into());
+        }
+        let t = &self.tables;
+        let outputs = [
+            ("--sessions", &t.sessions),
+            ("--live", &t.live),
+            ("--checkpoint", &t.checkpoint),
+        ];
+        for (flag, loc) in outputs {
+            if loc == &t.events {
+                return Err(format!(
+                    "{flag} points at the events table ({loc}); sessionize never writes the events table, give {flag} its own location"
+                ));
+            }
+        }
+        if t.sessions == t.live {
+            return Err(format!(
+                "--sessions and --live are the same location ({}); they are different tables",
+                t.sessions
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_and_print() {
+        let good = [
+            ("90s", 90_000_000),
+            ("15m", 900_000_000),
+            ("2h", 7_200_000_000),
+            ("1d", 86_400_000_000),
+            ("250ms", 250_000),
+            ("0", 0),
+        ];
+        for (s, us) in good {
+            let d: Dur = s.parse().unwrap();
+            assert_eq!(d.as_micros(), us, "{s}");
+            assert_eq!(d.to_string().parse::<Dur>().unwrap(), d, "{s} round-trips");
+        }
+        assert_eq!(Dur::from_minutes(60).to_string(), "1h");
+        for bad in ["", "15", "m", "15 minutes", "1.5h", "-3m", "99999999999999999d"] {
+            assert!(bad.parse::<Dur>().is_err(), "{bad} should be rejected");
+        }
+        let err = "15x".parse::<Dur>().unwrap_err();
+        assert!(err.contains("unknown unit `x`"), "{err}");
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!("512MiB".parse::<ByteSize>().unwrap().0, 512 << 20);
+        assert_eq!("1GB".parse::<ByteSize>().unwrap().0, 1_000_000_000);
+        assert_eq!("4096".parse::<ByteSize>().unwrap().0, 4096);
+        assert!("lots".parse::<ByteSize>().is_err());
+        assert!("3 parsecs".parse::<ByteSize>().is_err());
+    }
+
+    #[test]
+    fn locations_are_urls_with_a_trailing_slash() {
+        let l: TableLocation = "/tmp/x/events".parse().unwrap();
+        assert_eq!(l.url().as_str(), "file:///tmp/x/events/");
+        assert_eq!(l.local_path().unwrap(), PathBuf::from("/tmp/x/events"));
+        assert_eq!(l.join("state").url().as_str(), "file:///tmp/x/events/state/");
+        let s: TableLocation = "s3://bucket/events".parse().unwrap();
+        assert_eq!(s.url().as_str(), "s3://bucket/events/");
+        assert!(s.local_path().is_none());
+        assert!("ftp://host/x".parse::<TableLocation>().is_err());
+        assert!("".parse::<TableLocation>().is_err());
+    }
+
+    #[test]
+    fn collect_values() {
+        assert_eq!("auto".parse::<Collect>().unwrap(), Collect::Auto);
+        assert_eq!("none".parse::<Collect>().unwrap(), Collect::None);
+        assert_eq!(
+            "page, uri".parse::<Collect>().unwrap(),
+            Collect::Columns(vec!["page".into(), "uri".into()])
+        );
+    }
+}

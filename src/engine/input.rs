@@ -1,0 +1,286 @@
+//! From the events table's own schema to the engine's normalized event layout.
+//!
+//! Users bring any schema: integer or string keys, several key columns, a time column of
+//! `timestamp`, `timestamp_ntz` or epoch milliseconds. The engine only ever sees one layout:
+//! the key columns as they are, the time as `Int64` microseconds, the tie-break columns of
+//! SPEC rule 10 (commit version, file ordinal, row position), the end-marker flag, the
+//! `--collect` columns and the `--sum` columns as `Float64`. The same layout is the pending-state
+//! table, so state read back from the checkpoint and new events concatenate directly.
+
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, BooleanArray, Int32Array, Int64Array, RecordBatch, new_null_array,
+};
+use arrow::compute::{cast, kernels::numeric::mul};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::error::ArrowError;
+
+use super::{END_COL, FILE_COL, ROW_COL, TIME_COL, VERSION_COL, field, schema_of};
+
+/// How the time column is stored in the events table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeKind {
+    /// `timestamp` / `timestamp_ntz`, any unit; read as UTC.
+    Timestamp,
+    /// An integer column of milliseconds since the Unix epoch.
+    EpochMillis,
+}
+
+/// The columns a run uses, resolved against the events schema.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventSpec {
+    pub key_columns: Vec<String>,
+    pub key_types: Vec<DataType>,
+    pub time_column: String,
+    pub time_kind: TimeKind,
+    pub collect: Vec<(String, DataType)>,
+    pub sums: Vec<String>,
+}
+
+/// A problem with the events schema for the chosen flags. Messages name the column and the fix.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error(
+        "the events table has no column `{column}` (needed as {role}); its columns are: {available}. Pass the right name with {flag}"
+    )]
+    MissingColumn {
+        column: String,
+        role: &'static str,
+        flag: &'static str,
+        available: String,
+    },
+    #[error(
+        "the key column `{column}` has type {found}, which cannot be a session key; use an integer or string column with --key"
+    )]
+    BadKeyType { column: String, found: DataType },
+    #[error(
+        "the time column `{column}` has type {found}; it must be a timestamp, timestamp_ntz, or an integer of epoch milliseconds (choose another with --time-column)"
+    )]
+    BadTimeType { column: String, found: DataType },
+    #[error(
+        "the --sum column `{column}` has type {found}; only numeric columns can be summed"
+    )]
+    BadSumType { column: String, found: DataType },
+    #[error(
+        "the column `{column}` collides with a name sessionizer uses internally; rename it in a view or leave it out of --key/--collect/--sum"
+    )]
+    ReservedName { column: String },
+}
+
+fn is_key_type(dt: &DataType) -> bool {
+    dt.is_integer() || matches!(dt, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
+}
+
+impl EventSpec {
+    /// Checks the flags against the events schema and fixes the types every batch must have.
+    pub fn resolve(
+        schema: &Schema,
+        keys: &[String],
+        time_column: &str,
+        collect: &[String],
+        sums: &[String],
+    ) -> Result<Self, SpecError> {
+        let available = || {
+            schema
+                .fields()
+                .iter()
+                .map(|f| format!("{} ({})", f.name(), f.data_type()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let lookup = |name: &str, role: &'static str, flag: &'static str| {
+            if name.starts_with("_src_") || name == TIME_COL || name == END_COL {
+                return Err(SpecError::ReservedName {
+                    column: name.to_string(),
+                });
+            }
+            schema
+                .field_with_name(name)
+                .map(|f| f.data_type().clone())
+                .map_err(|_| SpecError::MissingColumn {
+                    column: name.to_string(),
+                    role,
+                    flag,
+                    available: available(),
+                })
+        };
+        let mut key_types = Vec::new();
+        for k in keys {
+            let dt = lookup(k, "a session key", "--key")?;
+            if !is_key_type(&dt) {
+                return Err(SpecError::BadKeyType {
+                    column: k.clone(),
+                    found: dt,
+                });
+            }
+            key_types.push(dt);
+        }
+        let time_dt = lookup(time_column, "the event time", "--time-column")?;
+        let time_kind = match &time_dt {
+            DataType::Timestamp(_, _) => TimeKind::Timestamp,
+            DataType::Int64 | DataType::Int32 | DataType::UInt32 | DataType::UInt64 => {
+                TimeKind::EpochMillis
+            }
+            other => {
+                return Err(SpecError::BadTimeType {
+                    column: time_column.to_string(),
+                    found: other.clone(),
+                });
+            }
+        };
+        let mut collect_cols = Vec::new();
+        for c in collect {
+            collect_cols.push((c.clone(), lookup(c, "a --collect column", "--collect")?));
+        }
+        for s in sums {
+            let dt = lookup(s, "a --sum column", "--sum")?;
+            if !(dt.is_numeric() || dt == DataType::Boolean) {
+                return Err(SpecError::BadSumType {
+                    column: s.clone(),
+                    found: dt,
+                });
+            }
+        }
+        Ok(Self {
+            key_columns: keys.to_vec(),
+            key_types,
+            time_column: time_column.to_string(),
+            time_kind,
+            collect: collect_cols,
+            sums: sums.to_vec(),
+        })
+    }
+
+    /// The engine's event layout, which is also the pending-state table's schema.
+    pub fn normalized_schema(&self) -> SchemaRef {
+        let mut fields: Vec<Arc<Field>> = self
+            .key_columns
+            .iter()
+            .zip(&self.key_types)
+            .map(|(k, t)| field(k, t.clone(), true))
+            .collect();
+        fields.push(field(TIME_COL, DataType::Int64, true));
+        fields.push(field(VERSION_COL, DataType::Int64, false));
+        fields.push(field(FILE_COL, DataType::Int32, false));
+        fields.push(field(ROW_COL, DataType::Int64, false));
+        fields.push(field(END_COL, DataType::Boolean, true));
+        for (c, t) in &self.collect {
+            fields.push(field(c, t.clone(), true));
+        }
+        for s in &self.sums {
+            fields.push(field(&sum_input_name(s), DataType::Float64, true));
+        }
+        schema_of(fields)
+    }
+
+    /// Every events-table column a run must read (keys, time, collect, sums), deduplicated.
+    pub fn source_columns(&self) -> Vec<String> {
+        let mut cols: Vec<String> = Vec::new();
+        let all = self
+            .key_columns
+            .iter()
+            .chain(std::iter::once(&self.time_column))
+            .chain(self.collect.iter().map(|(c, _)| c))
+            .chain(self.sums.iter());
+        for c in all {
+            if !cols.contains(c) {
+                cols.push(c.clone());
+            }
+        }
+        cols
+    }
+}
+
+/// In the normalized layout a summed column is kept as `Float64` under this name, so that
+/// `--collect x --sum x` can keep both the raw and the summed form.
+pub fn sum_input_name(col: &str) -> String {
+    format!("_sum_{col}")
+}
+
+/// Converts one batch of raw events (as read from one data file) into the normalized layout.
+///
+/// `version`, `file` and `first_row` are the tie-break coordinates of SPEC rule 10: the commit
+/// that added the file, the file's ordinal among that commit's files sorted by path, and the
+/// position of the batch's first row in the file. `end_marker` is the evaluated `--end-when`
+/// predicate, if any. Columns absent from the batch (added to the table later) read as null.
+pub fn normalize(
+    spec: &EventSpec,
+    raw: &RecordBatch,
+    version: i64,
+    file: i32,
+    first_row: i64,
+    end_marker: Option<BooleanArray>,
+) -> Result<RecordBatch, ArrowError> {
+    let n = raw.num_rows();
+    let schema = spec.normalized_schema();
+    let get = |name: &str, dt: &DataType| -> Result<ArrayRef, ArrowError> {
+        match raw.column_by_name(name) {
+            Some(c) if c.data_type() == dt => Ok(c.clone()),
+            Some(c) => cast(c, dt),
+            None => Ok(new_null_array(dt, n)),
+        }
+    };
+    let mut cols: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+    for (k, t) in spec.key_columns.iter().zip(&spec.key_types) {
+        let c = raw.column_by_name(k).ok_or_else(|| {
+            ArrowError::SchemaError(format!(
+                "a data file of version {version} has no key column `{k}`"
+            ))
+        })?;
+        if c.data_type() != t && !(is_key_type(c.data_type()) && both_strings(c.data_type(), t)) {
+            return Err(ArrowError::SchemaError(format!(
+                "the key column `{k}` changed type: {} in version {version}, {t} before; \
+                 sessions cannot span a key type change. Start a new checkpoint (--checkpoint) \
+                 with --starting-version {version}",
+                c.data_type()
+            )));
+        }
+        cols.push(get(k, t)?);
+    }
+    cols.push(time_micros(spec, raw, version)?);
+    cols.push(Arc::new(Int64Array::from_value(version, n)));
+    cols.push(Arc::new(Int32Array::from_value(file, n)));
+    cols.push(Arc::new(Int64Array::from_iter_values(
+        first_row..first_row + n as i64,
+    )));
+    cols.push(Arc::new(
+        end_marker.unwrap_or_else(|| BooleanArray::from(vec![false; n])),
+    ));
+    for (c, t) in &spec.collect {
+        cols.push(get(c, t)?);
+    }
+    for s in &spec.sums {
+        cols.push(get(s, &DataType::Float64)?);
+    }
+    RecordBatch::try_new(schema, cols)
+}
+
+fn both_strings(a: &DataType, b: &DataType) -> bool {
+    let s = |d: &DataType| matches!(d, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View);
+    s(a) && s(b)
+}
+
+fn time_micros(spec: &EventSpec, raw: &RecordBatch, version: i64) -> Result<ArrayRef, ArrowError> {
+    let c = raw.column_by_name(&spec.time_column).ok_or_else(|| {
+        ArrowError::SchemaError(format!(
+            "a data file of version {version} has no time column `{}`",
+            spec.time_column
+        ))
+    })?;
+    match (spec.time_kind, c.data_type()) {
+        (TimeKind::Timestamp, DataType::Timestamp(_, _)) => {
+            let us = cast(c, &DataType::Timestamp(TimeUnit::Microsecond, None))?;
+            cast(&us, &DataType::Int64)
+        }
+        (TimeKind::EpochMillis, dt) if dt.is_integer() => {
+            let ms = cast(c, &DataType::Int64)?;
+            mul(&ms, &Int64Array::new_scalar(1000))
+        }
+        (_, dt) => Err(ArrowError::SchemaError(format!(
+            "the time column `{}` changed type to {dt} in version {version}; start a new \
+             checkpoint with --starting-version {version}",
+            spec.time_column
+        ))),
+    }
+}

@@ -1,0 +1,311 @@
+//! The pure sessionization engine: no I/O, no clock, no async. Arrow in, Arrow out.
+//!
+//! One call to [`Engine::step`] is one batch of a run:
+//! `(pending events, new events, watermark) -> (closed sessions, pending events, live rows,
+//! rejected rows, new watermark)`.
+//!
+//! The engine keeps the *events* of open sessions as its state rather than running aggregates.
+//! That is what makes the rules order-independent: a late-arriving (but not late) event can land
+//! anywhere among a key's pending events, bridge two sessions or split nothing, and the key is
+//! simply sessionized again from its pending events. Closed sessions never need to be revisited
+//! because the closing rule guarantees that no event that is not late can still reach them.
+//! The state is bounded by the events of open sessions, not by the table's history.
+//!
+//! Everything here works on whole columns: one concatenation, one lexicographic sort, one
+//! partition by key, and a scan over the sorted time column that only records index ranges.
+//! Output columns are then gathered with `take` and list offsets, never row by row.
+
+mod input;
+mod output;
+mod rules;
+
+pub use input::{EventSpec, SpecError, TimeKind, normalize, sum_input_name};
+pub use output::{live_schema, rejected_schema, sessions_schema, session_id};
+pub use rules::{CloseReason, SessionRules, SessionSpan};
+
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, BooleanArray, Int64Array, RecordBatch};
+use arrow::compute::kernels::cmp::lt;
+use arrow::compute::{
+    SortColumn, SortOptions, concat_batches, filter_record_batch, is_null, lexsort_to_indices,
+    not, or, take_record_batch,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::error::ArrowError;
+
+/// Internal column names of the normalized event schema (see [`EventSpec::normalized_schema`]).
+pub const TIME_COL: &str = "_time_us";
+pub const VERSION_COL: &str = "_src_version";
+pub const FILE_COL: &str = "_src_file";
+pub const ROW_COL: &str = "_src_row";
+pub const END_COL: &str = "_end_marker";
+
+/// Why a row was not folded into any session.
+pub const REASON_LATE: &str = "late";
+pub const REASON_NULL_KEY: &str = "null_key";
+pub const REASON_NULL_TIME: &str = "null_time";
+
+/// Counts of one engine step; they feed the run summary.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct StepMetrics {
+    pub rows_read: u64,
+    pub rows_late: u64,
+    pub rows_invalid: u64,
+    pub sessions_closed: u64,
+    pub sessions_pending: u64,
+}
+
+/// The result of one engine step.
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    /// Closed sessions in the sessions-table schema.
+    pub closed: RecordBatch,
+    /// The events of sessions still open, in the normalized schema.
+    pub pending: RecordBatch,
+    /// One row per key whose current session changed, in the live-table schema.
+    pub live: RecordBatch,
+    /// Late and invalid rows (normalized schema plus `reason`).
+    pub rejected: RecordBatch,
+    /// The watermark after this step, in microseconds; `None` before the first event.
+    pub watermark: Option<i64>,
+    pub metrics: StepMetrics,
+}
+
+/// The engine: the event layout plus the session rules. Cheap to clone, holds no data.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    pub spec: EventSpec,
+    pub rules: SessionRules,
+}
+
+impl Engine {
+    pub fn new(spec: EventSpec, rules: SessionRules) -> Self {
+        Self { spec, rules }
+    }
+
+    /// Runs one batch.
+    ///
+    /// `pending` holds the events of open sessions from earlier steps, `events` the new
+    /// events of this batch (both in the normalized schema). `watermark` is the watermark as
+    /// it stood before this batch: events older than it are late. With `flush`, every session
+    /// still open at the end is closed.
+    pub fn step(
+        &self,
+        pending: &RecordBatch,
+        events: &[RecordBatch],
+        watermark: Option<i64>,
+        flush: bool,
+    ) -> Result<StepOutput, ArrowError> {
+        let schema = self.spec.normalized_schema();
+        let events = concat_batches(&schema, events)?;
+        let pending = if pending.num_rows() == 0 {
+            RecordBatch::new_empty(schema.clone())
+        } else {
+            pending.clone()
+        };
+        let mut metrics = StepMetrics {
+            rows_read: events.num_rows() as u64,
+            ..Default::default()
+        };
+
+        // 1. Classify the new rows: null key, null time, late, or good.
+        let (good_mask, reasons) = self.classify(&events, watermark)?;
+        let rejected = output::rejected_rows(&events, &good_mask, &reasons)?;
+        metrics.rows_invalid = reasons
+            .iter()
+            .filter(|r| matches!(r, Some(x) if *x != REASON_LATE))
+            .count() as u64;
+        metrics.rows_late = reasons.iter().filter(|r| *r == &Some(REASON_LATE)).count() as u64;
+
+        // 2. Advance the watermark from every row with a time (late rows cannot move it
+        //    anyway: they are older than the watermark already).
+        let times = time_column(&events);
+        let max_time = arrow::compute::max(times);
+        let new_watermark = match (watermark, max_time) {
+            (w, None) => w,
+            (None, Some(m)) => Some(m.saturating_sub(self.rules.delay_us)),
+            (Some(w), Some(m)) => Some(w.max(m.saturating_sub(self.rules.delay_us))),
+        };
+
+        // 3. Pending events plus good new events, sorted by key then time then tie-breaks.
+        let good = filter_record_batch(&events, &good_mask)?;
+        let pending_rows = pending.num_rows();
+        let all = concat_batches(&schema, [&pending, &good])?;
+        let sorted_idx = self.sort_indices(&all)?;
+        let sorted = take_record_batch(&all, &sorted_idx)?;
+        // For each sorted row: did it arrive in this batch?
+        let is_new: Vec<bool> = sorted_idx
+            .values()
+            .iter()
+            .map(|&i| (i as usize) >= pending_rows)
+            .collect();
+
+        // 4. Per key, cut sessions and decide which close.
+        let key_cols: Vec<ArrayRef> = self
+            .spec
+            .key_columns
+            .iter()
+            .map(|k| sorted.column_by_name(k).expect("key column").clone())
+            .collect();
+        let ranges = if sorted.num_rows() == 0 {
+            Vec::new()
+        } else {
+            arrow::compute::partition(&key_cols)?.ranges()
+        };
+        let times = time_column(&sorted);
+        let ends = end_column(&sorted);
+        let mut closed: Vec<SessionSpan> = Vec::new();
+        let mut open: Vec<SessionSpan> = Vec::new();
+        let mut live: Vec<(SessionSpan, bool)> = Vec::new();
+        for range in ranges {
+            let spans = self.rules.cut(times.values(), ends, range.clone());
+            let touched = is_new[range.clone()].iter().any(|&b| b);
+            let mut any_closed = false;
+            let last = spans.len() - 1;
+            for (i, span) in spans.iter().enumerate() {
+                match self
+                    .rules
+                    .close_reason(span, times.values(), new_watermark, flush)
+                {
+                    Some(reason) => {
+                        any_closed = true;
+                        closed.push(SessionSpan {
+                            reason: Some(reason),
+                            ..span.clone()
+                        });
+                        if i == last {
+                            live.push((
+                                SessionSpan {
+                                    reason: Some(reason),
+                                    ..span.clone()
+                                },
+                                false,
+                            ));
+                        }
+                    }
+                    None => {
+                        open.push(span.clone());
+                        if i == last && (touched || any_closed) {
+                            live.push((span.clone(), true));
+                        }
+                    }
+                }
+            }
+        }
+        metrics.sessions_closed = closed.len() as u64;
+        metrics.sessions_pending = open.len() as u64;
+
+        // 5. Gather the outputs column by column.
+        let closed_batch = output::closed_sessions(&self.spec, &sorted, &closed)?;
+        let live_batch = output::live_rows(&self.spec, &sorted, &live)?;
+        let pending_idx: Vec<u32> = open
+            .iter()
+            .flat_map(|s| (s.start as u32)..(s.end as u32))
+            .collect();
+        let pending_out =
+            take_record_batch(&sorted, &arrow::array::UInt32Array::from(pending_idx))?;
+
+        Ok(StepOutput {
+            closed: closed_batch,
+            pending: pending_out,
+            live: live_batch,
+            rejected,
+            watermark: new_watermark,
+            metrics,
+        })
+    }
+
+    /// Returns the mask of rows to fold and, per row, why a row is rejected.
+    fn classify(
+        &self,
+        events: &RecordBatch,
+        watermark: Option<i64>,
+    ) -> Result<(BooleanArray, Vec<Option<&'static str>>), ArrowError> {
+        let n = events.num_rows();
+        let mut null_key = BooleanArray::from(vec![false; n]);
+        for k in &self.spec.key_columns {
+            let col = events.column_by_name(k).expect("key column");
+            null_key = or(&null_key, &is_null(col)?)?;
+        }
+        let times = events.column_by_name(TIME_COL).expect("time column");
+        let null_time = is_null(times)?;
+        let late = match watermark {
+            Some(w) => lt(times, &Int64Array::new_scalar(w))?,
+            None => BooleanArray::from(vec![false; n]),
+        };
+        let mut reasons = Vec::with_capacity(n);
+        for i in 0..n {
+            reasons.push(if null_key.value(i) {
+                Some(REASON_NULL_KEY)
+            } else if null_time.value(i) {
+                Some(REASON_NULL_TIME)
+            } else if late.is_valid(i) && late.value(i) {
+                Some(REASON_LATE)
+            } else {
+                None
+            });
+        }
+        // `late` is null where the time is null; those rows are already covered by null_time.
+        let late = if late.null_count() > 0 {
+            arrow::compute::prep_null_mask_filter(&late)
+        } else {
+            late
+        };
+        let good = not(&or(&or(&null_key, &null_time)?, &late)?)?;
+        Ok((good, reasons))
+    }
+
+    fn sort_indices(&self, batch: &RecordBatch) -> Result<arrow::array::UInt32Array, ArrowError> {
+        let opts = Some(SortOptions {
+            descending: false,
+            nulls_first: true,
+        });
+        let mut cols: Vec<SortColumn> = self
+            .spec
+            .key_columns
+            .iter()
+            .map(|k| SortColumn {
+                values: batch.column_by_name(k).expect("key column").clone(),
+                options: opts,
+            })
+            .collect();
+        for c in [TIME_COL, VERSION_COL, FILE_COL, ROW_COL] {
+            cols.push(SortColumn {
+                values: batch.column_by_name(c).expect("normalized column").clone(),
+                options: opts,
+            });
+        }
+        lexsort_to_indices(&cols, None)
+    }
+}
+
+fn time_column(batch: &RecordBatch) -> &Int64Array {
+    batch
+        .column_by_name(TIME_COL)
+        .and_then(|c| c.as_any().downcast_ref::<Int64Array>())
+        .expect("normalized time column is Int64")
+}
+
+fn end_column(batch: &RecordBatch) -> &BooleanArray {
+    batch
+        .column_by_name(END_COL)
+        .and_then(|c| c.as_any().downcast_ref::<BooleanArray>())
+        .expect("normalized end-marker column is Boolean")
+}
+
+/// The schema of the pending-state table: the normalized event schema.
+pub fn pending_schema(spec: &EventSpec) -> SchemaRef {
+    spec.normalized_schema()
+}
+
+pub(crate) fn field(name: &str, dt: DataType, nullable: bool) -> Arc<Field> {
+    Arc::new(Field::new(name, dt, nullable))
+}
+
+pub(crate) fn schema_of(fields: Vec<Arc<Field>>) -> SchemaRef {
+    Arc::new(Schema::new(fields))
+}
+
+#[cfg(test)]
+mod tests;

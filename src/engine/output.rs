@@ -1,0 +1,295 @@
+//! Building the output tables' columns from session spans over the sorted event batch.
+//!
+//! Keys are gathered with one `take` per column, `visited_pages` is a list array whose offsets
+//! are the session spans themselves, and the per-session aggregates are single passes over
+//! contiguous ranges. Output schemas are defined here so that the sinks, the tests and the
+//! readers agree on them.
+
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, Float64Array, Int64Array, ListArray, RecordBatch,
+    StringArray, StructArray, TimestampMicrosecondArray, UInt32Array,
+};
+use arrow::buffer::OffsetBuffer;
+use arrow::compute::{filter_record_batch, not, take};
+use arrow::datatypes::{DataType, Field, Fields, Int64Type, SchemaRef, TimeUnit};
+use arrow::error::ArrowError;
+
+use super::input::{EventSpec, sum_input_name};
+use super::rules::SessionSpan;
+use super::{TIME_COL, field, schema_of};
+
+fn ts_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+}
+
+fn page_struct_fields(spec: &EventSpec) -> Fields {
+    let mut fs: Vec<Arc<Field>> = spec
+        .collect
+        .iter()
+        .map(|(c, t)| field(c, t.clone(), true))
+        .collect();
+    fs.push(field("visit_time_ms", DataType::Int64, true));
+    Fields::from(fs)
+}
+
+fn pages_type(spec: &EventSpec) -> DataType {
+    DataType::List(Arc::new(Field::new(
+        "element",
+        DataType::Struct(page_struct_fields(spec)),
+        true,
+    )))
+}
+
+fn key_fields(spec: &EventSpec) -> Vec<Arc<Field>> {
+    spec.key_columns
+        .iter()
+        .zip(&spec.key_types)
+        .map(|(k, t)| field(k, t.clone(), true))
+        .collect()
+}
+
+/// The sessions table: one row per closed session.
+pub fn sessions_schema(spec: &EventSpec) -> SchemaRef {
+    let mut fs = vec![field("session_id", DataType::Utf8, true)];
+    fs.extend(key_fields(spec));
+    fs.push(field("start_time", ts_type(), true));
+    fs.push(field("end_time", ts_type(), true));
+    fs.push(field("duration_ms", DataType::Int64, true));
+    fs.push(field("event_count", DataType::Int64, true));
+    if !spec.collect.is_empty() {
+        fs.push(field("visited_pages", pages_type(spec), true));
+    }
+    for s in &spec.sums {
+        fs.push(field(&format!("{s}_sum"), DataType::Float64, true));
+    }
+    fs.push(field("close_reason", DataType::Utf8, true));
+    schema_of(fs)
+}
+
+/// The live table: one row per key, its current session.
+pub fn live_schema(spec: &EventSpec) -> SchemaRef {
+    let mut fs = key_fields(spec);
+    fs.push(field("session_id", DataType::Utf8, true));
+    fs.push(field("start_time", ts_type(), true));
+    fs.push(field("end_time", ts_type(), true));
+    fs.push(field("event_count", DataType::Int64, true));
+    for s in &spec.sums {
+        fs.push(field(&format!("{s}_sum"), DataType::Float64, true));
+    }
+    fs.push(field("status", DataType::Utf8, true));
+    schema_of(fs)
+}
+
+/// Late and invalid rows: the normalized layout plus the reason.
+pub fn rejected_schema(spec: &EventSpec) -> SchemaRef {
+    let mut fs: Vec<Arc<Field>> = spec.normalized_schema().fields().iter().cloned().collect();
+    fs.push(field("reason", DataType::Utf8, true));
+    schema_of(fs)
+}
+
+/// A session's id: a 128-bit hash of its key values and start time, as 32 hex digits.
+///
+/// The encoding is ours (type tag, then fixed-width little-endian integers or length-prefixed
+/// UTF-8), so the id does not depend on Arrow's internal row format and stays stable across
+/// releases: the same session always gets the same id, run after run and replay after replay.
+pub fn session_id(keys: &[ArrayRef], row: usize, start_us: i64) -> String {
+    let mut buf: Vec<u8> = Vec::with_capacity(32);
+    for k in keys {
+        encode_key(k.as_ref(), row, &mut buf);
+    }
+    buf.extend_from_slice(&start_us.to_le_bytes());
+    format!("{:032x}", twox_hash::XxHash3_128::oneshot(&buf))
+}
+
+fn encode_key(col: &dyn Array, row: usize, buf: &mut Vec<u8>) {
+    use arrow::datatypes::*;
+    macro_rules! int {
+        ($t:ty) => {{
+            buf.push(b'i');
+            let v = col.as_primitive::<$t>().value(row) as i128;
+            buf.extend_from_slice(&v.to_le_bytes());
+        }};
+    }
+    let s = |v: &str, buf: &mut Vec<u8>| {
+        buf.push(b's');
+        buf.extend_from_slice(&(v.len() as u64).to_le_bytes());
+        buf.extend_from_slice(v.as_bytes());
+    };
+    match col.data_type() {
+        DataType::Int8 => int!(Int8Type),
+        DataType::Int16 => int!(Int16Type),
+        DataType::Int32 => int!(Int32Type),
+        DataType::Int64 => int!(Int64Type),
+        DataType::UInt8 => int!(UInt8Type),
+        DataType::UInt16 => int!(UInt16Type),
+        DataType::UInt32 => int!(UInt32Type),
+        DataType::UInt64 => int!(UInt64Type),
+        DataType::Utf8 => s(col.as_string::<i32>().value(row), buf),
+        DataType::LargeUtf8 => s(col.as_string::<i64>().value(row), buf),
+        DataType::Utf8View => s(col.as_string_view().value(row), buf),
+        other => unreachable!("key type {other} is rejected by EventSpec::resolve"),
+    }
+}
+
+/// Columns shared by the sessions and live outputs, gathered for a list of spans.
+struct Gathered {
+    keys: Vec<ArrayRef>,
+    session_ids: StringArray,
+    start: TimestampMicrosecondArray,
+    end: TimestampMicrosecondArray,
+    count: Int64Array,
+    sums: Vec<ArrayRef>,
+}
+
+fn gather(spec: &EventSpec, sorted: &RecordBatch, spans: &[&SessionSpan]) -> Result<Gathered, ArrowError> {
+    let times = sorted
+        .column_by_name(TIME_COL)
+        .expect("time column")
+        .as_primitive::<Int64Type>()
+        .values();
+    let firsts = UInt32Array::from_iter_values(spans.iter().map(|s| s.start as u32));
+    let keys: Vec<ArrayRef> = spec
+        .key_columns
+        .iter()
+        .map(|k| take(sorted.column_by_name(k).expect("key column"), &firsts, None))
+        .collect::<Result<_, _>>()?;
+    let session_ids = StringArray::from_iter_values(
+        spans
+            .iter()
+            .enumerate()
+            .map(|(i, s)| session_id(&keys, i, times[s.start])),
+    );
+    let start = TimestampMicrosecondArray::from_iter_values(spans.iter().map(|s| times[s.start]))
+        .with_timezone("UTC");
+    let end = TimestampMicrosecondArray::from_iter_values(spans.iter().map(|s| times[s.end - 1]))
+        .with_timezone("UTC");
+    let count = Int64Array::from_iter_values(spans.iter().map(|s| (s.end - s.start) as i64));
+    let mut sums: Vec<ArrayRef> = Vec::new();
+    for s in &spec.sums {
+        let col = sorted
+            .column_by_name(&sum_input_name(s))
+            .expect("sum column")
+            .as_primitive::<arrow::datatypes::Float64Type>();
+        let arr: Float64Array = spans
+            .iter()
+            .map(|sp| {
+                let mut acc: Option<f64> = None;
+                for i in sp.start..sp.end {
+                    if col.is_valid(i) {
+                        *acc.get_or_insert(0.0) += col.value(i);
+                    }
+                }
+                acc
+            })
+            .collect();
+        sums.push(Arc::new(arr));
+    }
+    Ok(Gathered {
+        keys,
+        session_ids,
+        start,
+        end,
+        count,
+        sums,
+    })
+}
+
+/// The closed sessions of one step, in the sessions-table schema.
+pub(super) fn closed_sessions(
+    spec: &EventSpec,
+    sorted: &RecordBatch,
+    spans: &[SessionSpan],
+) -> Result<RecordBatch, ArrowError> {
+    let refs: Vec<&SessionSpan> = spans.iter().collect();
+    let g = gather(spec, sorted, &refs)?;
+    let duration = Int64Array::from_iter_values(
+        g.start
+            .values()
+            .iter()
+            .zip(g.end.values().iter())
+            .map(|(s, e)| (e - s).div_euclid(1000)),
+    );
+    let mut cols: Vec<ArrayRef> = vec![Arc::new(g.session_ids)];
+    cols.extend(g.keys);
+    cols.push(Arc::new(g.start));
+    cols.push(Arc::new(g.end));
+    cols.push(Arc::new(duration));
+    cols.push(Arc::new(g.count));
+    if !spec.collect.is_empty() {
+        cols.push(Arc::new(visited_pages(spec, sorted, spans)?));
+    }
+    cols.extend(g.sums);
+    cols.push(Arc::new(StringArray::from_iter_values(
+        spans
+            .iter()
+            .map(|s| s.reason.expect("closed span has a reason").as_str()),
+    )));
+    RecordBatch::try_new(sessions_schema(spec), cols)
+}
+
+/// `visited_pages`: the collected columns of each session's events, in time order.
+fn visited_pages(
+    spec: &EventSpec,
+    sorted: &RecordBatch,
+    spans: &[SessionSpan],
+) -> Result<ListArray, ArrowError> {
+    let idx = UInt32Array::from_iter_values(
+        spans
+            .iter()
+            .flat_map(|s| (s.start as u32)..(s.end as u32)),
+    );
+    let mut children: Vec<ArrayRef> = Vec::new();
+    for (c, _) in &spec.collect {
+        children.push(take(sorted.column_by_name(c).expect("collect column"), &idx, None)?);
+    }
+    let times = take(sorted.column_by_name(TIME_COL).expect("time"), &idx, None)?;
+    let ms: Int64Array = times
+        .as_primitive::<Int64Type>()
+        .unary(|us: i64| us.div_euclid(1000));
+    children.push(Arc::new(ms));
+    let values = StructArray::try_new(page_struct_fields(spec), children, None)?;
+    let offsets = OffsetBuffer::from_lengths(spans.iter().map(|s| s.end - s.start));
+    let item = match pages_type(spec) {
+        DataType::List(f) => f,
+        _ => unreachable!(),
+    };
+    ListArray::try_new(item, offsets, Arc::new(values), None)
+}
+
+/// The live rows of one step: `(span, online)` per key.
+pub(super) fn live_rows(
+    spec: &EventSpec,
+    sorted: &RecordBatch,
+    rows: &[(SessionSpan, bool)],
+) -> Result<RecordBatch, ArrowError> {
+    let refs: Vec<&SessionSpan> = rows.iter().map(|(s, _)| s).collect();
+    let g = gather(spec, sorted, &refs)?;
+    let mut cols: Vec<ArrayRef> = g.keys;
+    cols.push(Arc::new(g.session_ids));
+    cols.push(Arc::new(g.start));
+    cols.push(Arc::new(g.end));
+    cols.push(Arc::new(g.count));
+    cols.extend(g.sums);
+    cols.push(Arc::new(StringArray::from_iter_values(rows.iter().map(
+        |(_, online)| if *online { "online" } else { "offline" },
+    ))));
+    RecordBatch::try_new(live_schema(spec), cols)
+}
+
+/// The rows that were not folded, with their reason.
+pub(super) fn rejected_rows(
+    events: &RecordBatch,
+    good: &BooleanArray,
+    reasons: &[Option<&'static str>],
+) -> Result<RecordBatch, ArrowError> {
+    let bad = not(good)?;
+    let rows = filter_record_batch(events, &bad)?;
+    let reason = StringArray::from_iter_values(reasons.iter().flatten().copied());
+    let mut fields: Vec<Arc<Field>> = rows.schema().fields().iter().cloned().collect();
+    fields.push(field("reason", DataType::Utf8, true));
+    let mut cols = rows.columns().to_vec();
+    cols.push(Arc::new(reason));
+    RecordBatch::try_new(schema_of(fields), cols)
+}

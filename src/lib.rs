@@ -1,0 +1,6 @@
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod failpoint;
+pub mod source;
