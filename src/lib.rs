@@ -1,6 +1,41 @@
+//! sessionizer: incremental, exactly-once sessionization of a click-stream Delta table.
+//!
+//! Data flows read → sessionize → write → record:
+//!
+//! - [`source`] walks the events table's commit log from the checkpoint's last version and reads
+//!   only the Parquet files those commits added, as normalized Arrow batches.
+//! - [`engine`] is pure: (pending events, new events, watermark) → (closed sessions, pending
+//!   events, live rows, rejected rows, new watermark). No I/O, no clock.
+//! - [`sink`] appends closed sessions, MERGE-upserts the live table, keeps late rows, each commit
+//!   tagged with the batch's application transaction so that replays skip what is already there.
+//! - [`checkpoint`] records the plan before the outputs and the pending state plus progress
+//!   after them, and holds the lock that keeps two runs apart.
+//!
+//! [`config`] turns flags into validated settings before any of that happens; [`commands`] holds
+//! one module per subcommand; [`cli`] mirrors the flags.
+
+pub mod checkpoint;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod engine;
 pub mod error;
 pub mod failpoint;
+pub mod sink;
 pub mod source;
+
+use std::io::Write;
+
+pub use error::{Error, Result};
+
+/// Runs one parsed command line, printing results to `out`.
+pub async fn run(cli: cli::Cli, out: &mut dyn Write) -> Result<()> {
+    use cli::Command::*;
+    match cli.command {
+        Sessionize(a) => commands::sessionize::command(&a, out).await,
+        GenerateRows(a) => commands::generate_rows::command(&a, out).await,
+        ReadTables(a) => commands::read_tables::command(&a, out).await,
+        Status(a) => commands::status::command(&a, out).await,
+        Demo(a) => commands::demo::command(&a, out).await,
+    }
+}

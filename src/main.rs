@@ -1,1 +1,52 @@
-fn main() {}
+//! The binary: parse flags, set up logging, run the library, map errors to exit codes.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use sessionizer::cli::Cli;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let level = match (cli.quiet, cli.verbose) {
+        (true, _) => "error",
+        // delta-rs logs expected conditions (a table not created yet, derived merge metrics)
+        // at warn/error; our own errors reach the user through the exit path instead.
+        (false, 0) => "warn,deltalake_core=error,buoyant_kernel=off",
+        (false, 1) => "sessionizer=info,warn,buoyant_kernel=off",
+        (false, _) => "sessionizer=debug,info",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level)))
+        .with_writer(std::io::stderr)
+        .init();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sessionizer: error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    let result = runtime.block_on(sessionizer::run(cli, &mut stdout));
+    let _ = stdout.flush();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        // A closed stdout pipe (`sessionizer read-tables | head`) is not an error.
+        Err(sessionizer::Error::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sessionizer: error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

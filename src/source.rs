@@ -37,14 +37,35 @@ pub async fn open_events(loc: &TableLocation) -> Result<DeltaTable> {
 
 /// Opens an existing Delta table, turning "not there" into a usage error naming the flag.
 pub async fn open_existing(loc: &TableLocation, flag: &str, fix: &str) -> Result<DeltaTable> {
-    let builder = DeltaTableBuilder::from_url(loc.url().clone())?;
-    match builder.load().await {
-        Ok(t) => Ok(t),
-        Err(DeltaTableError::NotATable(_)) | Err(DeltaTableError::InvalidTableLocation(_)) => {
-            Err(Error::usage(format!(
-                "{flag} `{loc}` is not a Delta table (there is no _delta_log with commits there); {fix}"
-            )))
+    try_load(loc).await?.ok_or_else(|| {
+        Error::usage(format!(
+            "{flag} `{loc}` is not a Delta table (there is no _delta_log with commits there); {fix}"
+        ))
+    })
+}
+
+/// Loads the Delta table at `loc` at its latest version, or `None` when there is none.
+///
+/// Existence is checked first (a listing of `_delta_log`), because loading a missing table
+/// surfaces as assorted kernel errors rather than one "not found".
+pub async fn try_load(loc: &TableLocation) -> Result<Option<DeltaTable>> {
+    if let Some(p) = loc.local_path() {
+        let log = p.join("_delta_log");
+        let has_commits = std::fs::read_dir(&log)
+            .map(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".json"))))
+            .unwrap_or(false);
+        if !has_commits {
+            return Ok(None);
         }
+    } else {
+        let t = DeltaTableBuilder::from_url(loc.url().clone())?.build()?;
+        if !t.verify_deltatable_existence().await? {
+            return Ok(None);
+        }
+    }
+    match DeltaTableBuilder::from_url(loc.url().clone())?.load().await {
+        Ok(t) => Ok(Some(t)),
+        Err(DeltaTableError::NotATable(_)) | Err(DeltaTableError::InvalidTableLocation(_)) => Ok(None),
         Err(e) => Err(e.into()),
     }
 }

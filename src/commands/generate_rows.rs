@@ -1,0 +1,169 @@
+//! `sessionizer generate-rows`: demo events, appended to the events table in one commit.
+//!
+//! This is the one place that reads the wall clock (when `--at` is not given): the demo is
+//! about "now". Random rows come from a seeded generator, so `--seed` makes them repeatable.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, TimeUnit, TimestampMicrosecondType};
+use chrono::{DateTime, NaiveDateTime, Utc};
+use datafusion::prelude::SessionContext;
+use deltalake::protocol::SaveMode;
+use rand::{Rng, SeedableRng};
+
+use crate::cli::GenerateArgs;
+use crate::config::TableLocation;
+use crate::error::{Error, Result};
+use crate::sink;
+
+/// The demo schema: `user_id BIGINT, visit_time TIMESTAMP, page STRING`.
+pub fn demo_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("user_id", DataType::Int64, true),
+        Field::new(
+            "visit_time",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            true,
+        ),
+        Field::new("page", DataType::Utf8, true),
+    ]))
+}
+
+/// Parses `--at`: RFC 3339, or `YYYY-MM-DD HH:MM:SS[.f]` read as UTC.
+pub fn parse_time(s: &str) -> Result<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    for fmt in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M"] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(s, fmt) {
+            return Ok(t.and_utc());
+        }
+    }
+    Err(Error::usage(format!(
+        "--at `{s}` is not a time; write it like 2026-02-15T17:05:34Z or \"2026-02-15 17:05:34\" (UTC)"
+    )))
+}
+
+/// Rows to append: `(user_id, time_us, page)`.
+pub type Rows = Vec<(i64, i64, String)>;
+
+/// The reference rows: user 1 twice, users 2 and 3 once each, all at `at`.
+pub fn reference_rows(at_us: i64) -> Rows {
+    vec![
+        (1, at_us, "page_1.html".into()),
+        (1, at_us, "page_2.html".into()),
+        (2, at_us, "page_3.html".into()),
+        (3, at_us, "page_4.html".into()),
+    ]
+}
+
+/// Random rows: `users` users with `per_user` events each, a few minutes apart, from `at` on.
+pub fn random_rows(at_us: i64, users: u64, per_user: u64, seed: u64) -> Rows {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut rows = Vec::with_capacity((users * per_user) as usize);
+    for u in 1..=users as i64 {
+        let mut t = at_us + rng.random_range(0..600_000_000i64);
+        for _ in 0..per_user {
+            rows.push((u, t, format!("page_{}.html", rng.random_range(1..=20))));
+            t += rng.random_range(1_000_000..300_000_000i64);
+        }
+    }
+    rows
+}
+
+fn to_batch(rows: &Rows) -> Result<RecordBatch> {
+    Ok(RecordBatch::try_new(
+        demo_schema(),
+        vec![
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
+            Arc::new(
+                TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.1))
+                    .with_timezone("UTC"),
+            ),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.2.as_str()))),
+        ],
+    )?)
+}
+
+/// The latest event time and largest user id already in the table.
+async fn latest_event(loc: &TableLocation) -> Result<Option<(i64, i64)>> {
+    let Some(table) = crate::source::try_load(loc).await? else {
+        return Ok(None);
+    };
+    let ctx = SessionContext::new();
+    ctx.register_table("events", table.table_provider().await?)?;
+    let b = ctx
+        .sql("SELECT max(visit_time) AS t, max(user_id) AS u FROM events")
+        .await?
+        .collect()
+        .await?;
+    let Some(b) = b.first().filter(|b| b.num_rows() == 1) else {
+        return Ok(None);
+    };
+    let t = arrow::compute::cast(b.column(0), &DataType::Timestamp(TimeUnit::Microsecond, None))?;
+    let t = t.as_primitive::<TimestampMicrosecondType>();
+    let u = arrow::compute::cast(b.column(1), &DataType::Int64)?;
+    let u = u.as_primitive::<Int64Type>();
+    Ok((t.is_valid(0) && u.is_valid(0)).then(|| (t.value(0), u.value(0))))
+}
+
+/// Appends rows to the events table (created on first use) in one commit.
+pub async fn append(loc: &TableLocation, rows: &Rows) -> Result<i64> {
+    let batch = to_batch(rows)?;
+    let table = sink::open_or_create(loc, &demo_schema(), false, "--events").await?;
+    let table = table.write(vec![batch]).with_save_mode(SaveMode::Append).await?;
+    Ok(table.version().map_or(0, |v| v as i64))
+}
+
+/// What `generate-rows` will append for these flags.
+pub async fn rows_for(args: &GenerateArgs, loc: &TableLocation) -> Result<Rows> {
+    let at = match &args.at {
+        Some(s) => parse_time(s)?,
+        None => Utc::now(),
+    }
+    .timestamp_micros();
+    if args.closing {
+        let (t, u) = latest_event(loc).await?.ok_or_else(|| {
+            Error::usage(format!(
+                "--closing appends an event 61 minutes after the latest one, but `{loc}` has no events yet; run `sessionizer generate-rows` first"
+            ))
+        })?;
+        return Ok(vec![(u + 1, t + 61 * 60_000_000, "page_1.html".into())]);
+    }
+    match (args.users, args.per_user) {
+        (None, None) => Ok(reference_rows(at)),
+        (u, p) => Ok(random_rows(at, u.unwrap_or(3), p.unwrap_or(2), args.seed)),
+    }
+}
+
+pub async fn command(args: &GenerateArgs, out: &mut dyn Write) -> Result<()> {
+    let loc = args.tables.resolve().events;
+    let rows = rows_for(args, &loc).await?;
+    let version = append(&loc, &rows).await?;
+    writeln!(out, "generate-rows: appended {} rows to {loc} as version {version}", rows.len())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_rows_repeat_with_a_seed_and_differ_without() {
+        let a = random_rows(0, 5, 3, 7);
+        assert_eq!(a, random_rows(0, 5, 3, 7));
+        assert_ne!(a, random_rows(0, 5, 3, 8));
+        assert_eq!(a.len(), 15);
+        assert!(a.iter().all(|r| (1..=5).contains(&r.0)));
+    }
+
+    #[test]
+    fn times_parse_in_both_forms() {
+        let a = parse_time("2026-02-15T17:05:34Z").unwrap();
+        let b = parse_time("2026-02-15 17:05:34").unwrap();
+        assert_eq!(a, b);
+        assert!(parse_time("yesterday").is_err());
+    }
+}

@@ -1,0 +1,7 @@
+//! One module per subcommand. Each has a `command(args, out)` entry that prints to `out`.
+
+pub mod demo;
+pub mod generate_rows;
+pub mod read_tables;
+pub mod sessionize;
+pub mod status;

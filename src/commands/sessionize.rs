@@ -1,0 +1,296 @@
+//! `sessionizer sessionize`: one available-now run, batch by batch.
+//!
+//! For each batch: plan (record the source versions) → read → sessionize → append sessions →
+//! MERGE live → write state + progress. The plan is durable before the first output, each
+//! output carries the batch's txn, and the state commit comes last, so a crash anywhere leaves
+//! a checkpoint from which a rerun redoes exactly the missing steps of exactly the same batch.
+
+use std::io::Write;
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::checkpoint::{Checkpoint, Identity, Plan, Progress};
+use crate::cli::SessionizeArgs;
+use crate::config::{Collect, OutputFormat, Settings, split_list};
+use crate::engine::{Engine, EventSpec, SessionRules, live_schema, rejected_schema, sessions_schema};
+use crate::error::{Error, Result};
+use crate::source::{self, BatchLimits, VersionFiles};
+use crate::{failpoint, sink};
+
+/// The run summary: what SPEC.md lists, plus the number of batches.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RunSummary {
+    /// `first..last` events versions read by this run, or null when there was nothing new.
+    pub source_versions: Option<String>,
+    pub batches: u64,
+    pub rows_read: u64,
+    pub rows_late: u64,
+    pub rows_invalid: u64,
+    pub sessions_closed: u64,
+    pub sessions_pending: u64,
+    pub live_rows_upserted: u64,
+    /// RFC 3339, or null before the first event.
+    pub watermark: Option<String>,
+    pub elapsed_ms: u64,
+}
+
+impl RunSummary {
+    pub fn print(&self, format: OutputFormat, out: &mut dyn Write) -> std::io::Result<()> {
+        match format {
+            OutputFormat::Json => writeln!(out, "{}", serde_json::to_string(self).expect("serializable")),
+            OutputFormat::Text => {
+                let none = "-".to_string();
+                writeln!(
+                    out,
+                    "sessionize: versions {} in {} batch(es), {} rows read ({} late, {} invalid), \
+                     {} sessions closed, {} pending, {} live rows upserted, watermark {}, {} ms",
+                    self.source_versions.as_ref().unwrap_or(&"none new".to_string()),
+                    self.batches,
+                    self.rows_read,
+                    self.rows_late,
+                    self.rows_invalid,
+                    self.sessions_closed,
+                    self.sessions_pending,
+                    self.live_rows_upserted,
+                    self.watermark.as_ref().unwrap_or(&none),
+                    self.elapsed_ms
+                )
+            }
+        }
+    }
+}
+
+/// Formats microseconds since the epoch as RFC 3339.
+pub fn format_micros(us: i64) -> String {
+    DateTime::<Utc>::from_timestamp_micros(us)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+        .unwrap_or_else(|| us.to_string())
+}
+
+impl SessionizeArgs {
+    /// Raw flags to validated settings; no I/O.
+    pub fn settings(&self) -> Result<Settings> {
+        let s = Settings {
+            tables: self.tables.resolve(),
+            keys: split_list(&self.key),
+            time_column: self.time_column.trim().to_string(),
+            gap: self.gap,
+            watermark_delay: self.watermark_delay,
+            collect: self.collect.clone(),
+            sums: self.sum.iter().flat_map(|s| split_list(s)).collect(),
+            flush: self.flush,
+            output: self.output,
+            on_change_commit: self.on_change_commit,
+            max_files_per_batch: self.max_files_per_batch,
+            max_bytes_per_batch: self.max_bytes_per_batch,
+            starting_version: self.starting_version,
+            break_lock: self.break_lock,
+        };
+        s.validate().map_err(Error::Usage)?;
+        Ok(s)
+    }
+}
+
+/// Runs `sessionize` and prints the summary.
+pub async fn command(args: &SessionizeArgs, out: &mut dyn Write) -> Result<()> {
+    let settings = args.settings()?;
+    let summary = run(&settings).await?;
+    tracing::info!(?summary, "run finished");
+    summary.print(settings.output, out)?;
+    Ok(())
+}
+
+/// One available-now run.
+pub async fn run(settings: &Settings) -> Result<RunSummary> {
+    let started = Instant::now();
+    let t = &settings.tables;
+    let events = source::open_events(&t.events).await?;
+    let schema = source::arrow_schema(&events)?;
+    let collect = match &settings.collect {
+        Collect::Auto if schema.field_with_name("page").is_ok() => vec!["page".to_string()],
+        Collect::Auto | Collect::None => vec![],
+        Collect::Columns(c) => c.clone(),
+    };
+    let spec = EventSpec::resolve(&schema, &settings.keys, &settings.time_column, &collect, &settings.sums)?;
+    let engine = Engine::new(
+        spec.clone(),
+        SessionRules {
+            gap_us: settings.gap.as_micros(),
+            delay_us: settings.watermark_delay.as_micros(),
+            max_duration_us: None,
+        },
+    );
+    let wanted = Identity {
+        format: 1,
+        checkpoint_id: uuid::Uuid::new_v4().to_string(),
+        events_table: t.events.url().to_string(),
+        events_table_id: events.snapshot()?.metadata().id().to_string(),
+        keys: settings.keys.clone(),
+        time_column: settings.time_column.clone(),
+        gap: settings.gap.to_string(),
+        watermark_delay: settings.watermark_delay.to_string(),
+        collect,
+        sums: settings.sums.clone(),
+        created_at: Utc::now().to_rfc3339(),
+    };
+    let cp = Checkpoint::open(&t.checkpoint, true)?;
+    let existing = cp.identity().await?;
+    if let Some(id) = &existing {
+        id.check_matches(&wanted, &cp.loc)?;
+    }
+    let lock = cp.lock(settings.break_lock).await?;
+    let result = async {
+        let identity = match existing {
+            Some(id) => id,
+            None => {
+                cp.write_identity(&wanted).await?;
+                // Re-read: a run that raced us to create the checkpoint wins.
+                cp.identity().await?.unwrap_or(wanted)
+            }
+        };
+        run_locked(settings, &engine, &events, &schema, &cp, &identity).await
+    }
+    .await;
+    let released = lock.release().await;
+    let mut summary = result?;
+    released?;
+    summary.elapsed_ms = started.elapsed().as_millis() as u64;
+    Ok(summary)
+}
+
+async fn run_locked(
+    settings: &Settings,
+    engine: &Engine,
+    events: &deltalake::DeltaTable,
+    schema: &arrow::datatypes::Schema,
+    cp: &Checkpoint,
+    identity: &Identity,
+) -> Result<RunSummary> {
+    let t = &settings.tables;
+    let spec = &engine.spec;
+    let app_id = identity.app_id();
+    let log_store = events.log_store();
+    let latest = events.version().unwrap_or(0);
+
+    let mut state = cp.state_table().await?;
+    let mut progress = cp.progress(state.as_ref()).await?;
+    let mut pending = cp.pending(state.as_ref(), &spec.normalized_schema()).await?;
+    let mut next = match progress.last_version {
+        Some(v) => v + 1,
+        None => settings.starting_version.unwrap_or(0),
+    };
+    if progress.last_version.is_none() && next > latest + 1 {
+        return Err(Error::usage(format!(
+            "--starting-version {next} is beyond the events table's latest version {latest}"
+        )));
+    }
+
+    let mut sessions = sink::open_or_create(&t.sessions, &sessions_schema(spec), true, "--sessions").await?;
+    let mut live = sink::open_or_create(&t.live, &live_schema(spec), false, "--live").await?;
+    let mut late = match &t.late_events {
+        Some(loc) => Some(sink::open_or_create(loc, &rejected_schema(spec), true, "--late-events").await?),
+        None => None,
+    };
+
+    let limits = BatchLimits {
+        max_files: settings.max_files_per_batch,
+        max_bytes: settings.max_bytes_per_batch,
+    };
+    let mut summary = RunSummary::default();
+    let (mut first_read, mut last_read) = (None, None);
+    loop {
+        let seq = progress.seq + 1;
+        // Plan: replay the recorded plan of an unfinished batch, or choose the next versions.
+        let (plan, vfs) = match cp.plan().await? {
+            Some(p) if p.seq == seq => {
+                tracing::info!(?p, "replaying the unfinished batch");
+                let vfs = match p.versions {
+                    Some((a, b)) => {
+                        let mut v = Vec::new();
+                        for version in a..=b {
+                            v.push(source::read_version(&log_store, version, settings.on_change_commit).await?);
+                        }
+                        v
+                    }
+                    None => Vec::new(),
+                };
+                (p, vfs)
+            }
+            _ => {
+                let vfs = if next <= latest {
+                    source::plan_versions(&log_store, next, latest, limits, settings.on_change_commit).await?
+                } else {
+                    Vec::new()
+                };
+                let last = vfs.last().map(|v: &VersionFiles| v.version);
+                let reaches_latest = last.is_none_or(|l| l == latest);
+                if vfs.is_empty() && !(settings.flush && pending.num_rows() > 0) {
+                    break;
+                }
+                let plan = Plan {
+                    seq,
+                    versions: vfs.first().map(|f| (f.version, last.expect("non-empty"))),
+                    flush: settings.flush && reaches_latest,
+                };
+                cp.write_plan(&plan).await?;
+                (plan, vfs)
+            }
+        };
+        failpoint::hit("after-plan");
+        for v in &vfs {
+            if let Some(why) = &v.skipped {
+                tracing::info!(version = v.version, "skipped: {why}");
+            }
+        }
+
+        let batches = source::read_events(events.object_store(), &vfs, spec, schema).await?;
+        failpoint::hit("after-read");
+        let out = engine.step(&pending, &batches, progress.watermark_us, plan.flush)?;
+
+        let (s, _) = sink::append_once(sessions, &t.sessions, out.closed.clone(), &app_id, seq).await?;
+        sessions = s;
+        failpoint::hit("after-sessions-commit");
+        if let (Some(table), Some(loc)) = (late.take(), &t.late_events) {
+            let (l, _) = sink::append_once(table, loc, out.rejected.clone(), &app_id, seq).await?;
+            late = Some(l);
+        }
+        let (l, upserted) = sink::merge_live(live, &t.live, out.live.clone(), &spec.key_columns, &app_id, seq).await?;
+        live = l;
+        failpoint::hit("after-live-commit");
+
+        let new_progress = Progress {
+            seq,
+            last_version: plan.versions.map(|(_, b)| b).or(progress.last_version),
+            watermark_us: out.watermark,
+            sessions_pending: out.metrics.sessions_pending,
+            committed_at: Some(Utc::now().to_rfc3339()),
+        };
+        state = Some(cp.write_state(state, out.pending.clone(), &new_progress, &app_id).await?);
+        failpoint::hit("after-state-commit");
+
+        summary.batches += 1;
+        failpoint::hit(&format!("after-batch-{}", summary.batches));
+        let m = out.metrics;
+        summary.rows_read += m.rows_read;
+        summary.rows_late += m.rows_late;
+        summary.rows_invalid += m.rows_invalid;
+        summary.sessions_closed += m.sessions_closed;
+        summary.live_rows_upserted += upserted as u64;
+        if let Some((a, b)) = plan.versions {
+            first_read = first_read.or(Some(a));
+            last_read = Some(b);
+        }
+        progress = new_progress;
+        pending = out.pending;
+        next = progress.last_version.map_or(0, |v| v + 1);
+        if plan.flush {
+            break;
+        }
+    }
+    summary.source_versions = first_read.zip(last_read).map(|(a, b)| format!("{a}..{b}"));
+    summary.sessions_pending = progress.sessions_pending;
+    summary.watermark = progress.watermark_us.map(format_micros);
+    Ok(summary)
+}

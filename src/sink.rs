@@ -1,0 +1,214 @@
+//! Writing the outputs: the append-only sessions table, the MERGE-upserted live table, and the
+//! optional late/invalid rows table.
+//!
+//! Every commit carries the checkpoint's application transaction (`txn`): app id of the
+//! checkpoint, version = batch sequence number. delta-rs does not skip a commit whose txn is
+//! already recorded, so each write first reads the recorded version on the very table it then
+//! writes with, and skips when the batch is already there. An error that comes back from a
+//! commit may have arrived after the commit became durable (post-commit hooks), so errors are
+//! re-checked against the txn before they are believed.
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::{DataType, Schema};
+use datafusion::prelude::SessionContext;
+use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
+use deltalake::kernel::transaction::CommitProperties;
+use deltalake::kernel::{StructType, Transaction};
+use deltalake::protocol::SaveMode;
+use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError, TableProperty};
+
+use crate::config::TableLocation;
+use crate::error::{Error, Result};
+
+/// Creates a Delta table with this Arrow schema (optionally `delta.appendOnly = true`).
+pub async fn create_table(loc: &TableLocation, schema: &Schema, append_only: bool) -> Result<DeltaTable> {
+    if let Some(p) = loc.local_path() {
+        std::fs::create_dir_all(&p)?;
+    }
+    let kernel: StructType = schema.try_into_kernel()?;
+    let table = DeltaTableBuilder::from_url(loc.url().clone())?.build()?;
+    let mut create = table.create().with_columns(kernel.fields().cloned());
+    if append_only {
+        create = create.with_configuration_property(TableProperty::AppendOnly, Some("true"));
+    }
+    match create.await {
+        Ok(t) => Ok(t),
+        // Another writer created it between our look and our create: use theirs.
+        Err(e) if e.to_string().contains("already exists") => load(loc).await,
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn load(loc: &TableLocation) -> Result<DeltaTable> {
+    Ok(DeltaTableBuilder::from_url(loc.url().clone())?.load().await?)
+}
+
+/// Opens an output table, creating it on first use; refuses one whose columns do not fit.
+pub async fn open_or_create(
+    loc: &TableLocation,
+    schema: &Schema,
+    append_only: bool,
+    flag: &str,
+) -> Result<DeltaTable> {
+    let Some(table) = crate::source::try_load(loc).await? else {
+        return create_table(loc, schema, append_only).await;
+    };
+    check_schema(&table, schema, loc, flag)?;
+    Ok(table)
+}
+
+/// Every column we write must exist in the table with the same type.
+fn check_schema(table: &DeltaTable, want: &Schema, loc: &TableLocation, flag: &str) -> Result<()> {
+    let have = table.snapshot()?.snapshot().arrow_schema();
+    let describe = |s: &Schema| {
+        s.fields()
+            .iter()
+            .map(|f| format!("{} {}", f.name(), f.data_type()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for f in want.fields() {
+        let ok = have
+            .field_with_name(f.name())
+            .map(|h| same_type(h.data_type(), f.data_type()))
+            .unwrap_or(false);
+        if !ok {
+            return Err(Error::usage(format!(
+                "{flag} `{loc}` already holds a table whose columns do not fit this run: column \
+                 `{}` {} is needed, the table has [{}]. Point {flag} at a new location, or run \
+                 with the settings (--key, --collect, --sum) that made this table",
+                f.name(),
+                f.data_type(),
+                describe(&have)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Type equality that ignores nullability, list item names, and string/view encodings.
+fn same_type(a: &DataType, b: &DataType) -> bool {
+    use DataType::*;
+    match (a, b) {
+        (Utf8 | LargeUtf8 | Utf8View, Utf8 | LargeUtf8 | Utf8View) => true,
+        (List(x) | LargeList(x), List(y) | LargeList(y)) => same_type(x.data_type(), y.data_type()),
+        (Struct(x), Struct(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .zip(y.iter())
+                    .all(|(p, q)| p.name() == q.name() && same_type(p.data_type(), q.data_type()))
+        }
+        (Timestamp(u, _), Timestamp(v, _)) => u == v,
+        _ => a == b,
+    }
+}
+
+/// The txn version this app last recorded on the table.
+pub async fn txn_version(table: &DeltaTable, app_id: &str) -> Result<Option<i64>> {
+    Ok(table
+        .snapshot()?
+        .transaction_version(table.log_store().as_ref(), app_id)
+        .await?)
+}
+
+/// Turns a commit error into success when the commit is durable after all.
+pub async fn committed_or_recheck(
+    result: std::result::Result<DeltaTable, DeltaTableError>,
+    loc: &TableLocation,
+    app_id: &str,
+    seq: i64,
+) -> Result<DeltaTable> {
+    match result {
+        Ok(t) => Ok(t),
+        Err(e) => {
+            let table = load(loc).await?;
+            if txn_version(&table, app_id).await? >= Some(seq) {
+                tracing::warn!("commit to {loc} reported `{e}` but is durable; continuing");
+                Ok(table)
+            } else {
+                Err(e.into())
+            }
+        }
+    }
+}
+
+fn txn_props(app_id: &str, seq: i64) -> CommitProperties {
+    CommitProperties::default().with_application_transaction(Transaction::new(app_id, seq))
+}
+
+/// Appends `batch` unless batch `seq` of `app_id` is already in the table. Returns whether it
+/// wrote.
+pub async fn append_once(
+    table: DeltaTable,
+    loc: &TableLocation,
+    batch: RecordBatch,
+    app_id: &str,
+    seq: i64,
+) -> Result<(DeltaTable, bool)> {
+    if batch.num_rows() == 0 {
+        return Ok((table, false));
+    }
+    if txn_version(&table, app_id).await? >= Some(seq) {
+        tracing::info!("{loc} already holds batch {seq}; skipping (replay after a crash)");
+        return Ok((table, false));
+    }
+    let result = table
+        .write(vec![batch])
+        .with_save_mode(SaveMode::Append)
+        .with_commit_properties(txn_props(app_id, seq))
+        .await;
+    Ok((committed_or_recheck(result, loc, app_id, seq).await?, true))
+}
+
+/// MERGE-upserts the live rows on the key columns unless batch `seq` is already recorded.
+/// Returns the number of rows inserted or updated.
+pub async fn merge_live(
+    table: DeltaTable,
+    loc: &TableLocation,
+    rows: RecordBatch,
+    keys: &[String],
+    app_id: &str,
+    seq: i64,
+) -> Result<(DeltaTable, usize)> {
+    if rows.num_rows() == 0 {
+        return Ok((table, 0));
+    }
+    if txn_version(&table, app_id).await? >= Some(seq) {
+        tracing::info!("{loc} already holds batch {seq}; skipping (replay after a crash)");
+        return Ok((table, rows.num_rows()));
+    }
+    let q = |c: &str| format!("\"{}\"", c.replace('"', "\"\""));
+    let predicate = keys
+        .iter()
+        .map(|k| format!("target.{} = source.{}", q(k), q(k)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let columns: Vec<String> = rows.schema().fields().iter().map(|f| f.name().clone()).collect();
+    let ctx = SessionContext::new();
+    let source = ctx.read_batch(rows)?;
+    let result = table
+        .merge(source, predicate)
+        .with_source_alias("source")
+        .with_target_alias("target")
+        .when_matched_update(|mut u| {
+            for c in columns.iter().filter(|c| !keys.contains(c)) {
+                u = u.update(q(c), format!("source.{}", q(c)));
+            }
+            u
+        })?
+        .when_not_matched_insert(|mut i| {
+            for c in &columns {
+                i = i.set(q(c), format!("source.{}", q(c)));
+            }
+            i
+        })?
+        .with_commit_properties(txn_props(app_id, seq))
+        .await;
+    match result {
+        Ok((t, m)) => Ok((t, m.num_target_rows_inserted + m.num_target_rows_updated)),
+        Err(e) => {
+            let t = committed_or_recheck(Err(e), loc, app_id, seq).await?;
+            Ok((t, 0))
+        }
+    }
+}
