@@ -24,8 +24,8 @@ use arrow::datatypes::SchemaRef;
 use chrono::{DateTime, Utc};
 use datafusion::prelude::SessionContext;
 use deltalake::kernel::Action;
-use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::Transaction;
+use deltalake::kernel::transaction::CommitProperties;
 use deltalake::logstore::get_actions;
 use deltalake::protocol::SaveMode;
 use deltalake::{DeltaTable, DeltaTableBuilder};
@@ -71,14 +71,44 @@ impl Identity {
     /// Explains the first setting in which `wanted` differs from this checkpoint.
     pub fn check_matches(&self, wanted: &Identity, loc: &TableLocation) -> Result<()> {
         let diffs = [
-            ("events table", &self.events_table, &wanted.events_table, "--events"),
-            ("events table id", &self.events_table_id, &wanted.events_table_id, "--events"),
+            (
+                "events table",
+                &self.events_table,
+                &wanted.events_table,
+                "--events",
+            ),
+            (
+                "events table id",
+                &self.events_table_id,
+                &wanted.events_table_id,
+                "--events",
+            ),
             ("key", &self.keys.join(","), &wanted.keys.join(","), "--key"),
-            ("time column", &self.time_column, &wanted.time_column, "--time-column"),
+            (
+                "time column",
+                &self.time_column,
+                &wanted.time_column,
+                "--time-column",
+            ),
             ("gap", &self.gap, &wanted.gap, "--gap"),
-            ("watermark delay", &self.watermark_delay, &wanted.watermark_delay, "--watermark-delay"),
-            ("collected columns", &self.collect.join(","), &wanted.collect.join(","), "--collect"),
-            ("summed columns", &self.sums.join(","), &wanted.sums.join(","), "--sum"),
+            (
+                "watermark delay",
+                &self.watermark_delay,
+                &wanted.watermark_delay,
+                "--watermark-delay",
+            ),
+            (
+                "collected columns",
+                &self.collect.join(","),
+                &wanted.collect.join(","),
+                "--collect",
+            ),
+            (
+                "summed columns",
+                &self.sums.join(","),
+                &wanted.sums.join(","),
+                "--sum",
+            ),
         ];
         for (what, have, want, flag) in diffs {
             if have != want {
@@ -228,7 +258,9 @@ impl Checkpoint {
                 Ok(()) => {
                     return Ok(LockGuard::start(self.store.clone(), info));
                 }
-                Err(Error::ObjectStore(object_store::Error::AlreadyExists { .. })) if attempt == 0 => {
+                Err(Error::ObjectStore(object_store::Error::AlreadyExists { .. }))
+                    if attempt == 0 =>
+                {
                     let held: Option<LockInfo> = self.get_json(LOCK).await.unwrap_or(None);
                     let stale = match &held {
                         None => true,
@@ -270,7 +302,12 @@ impl Checkpoint {
     /// Who holds the lock now, if anyone (for `status`).
     pub async fn lock_holder(&self) -> Result<Option<String>> {
         let held: Option<LockInfo> = self.get_json(LOCK).await.unwrap_or(None);
-        Ok(held.map(|h| format!("pid {} on {} since {} (expires {})", h.pid, h.host, h.since, h.expires_at)))
+        Ok(held.map(|h| {
+            format!(
+                "pid {} on {} since {} (expires {})",
+                h.pid, h.host, h.since, h.expires_at
+            )
+        }))
     }
 
     /// Opens the pending-state table, if it exists.
@@ -297,13 +334,15 @@ impl Checkpoint {
             .log_store()
             .read_commit_entry(version)
             .await?
-            .ok_or_else(|| self.corrupt(&format!("commit {version} of the state table is missing")))?;
+            .ok_or_else(|| {
+                self.corrupt(&format!("commit {version} of the state table is missing"))
+            })?;
         for action in get_actions(version, &bytes)? {
-            if let Action::CommitInfo(ci) = action {
-                if let Some(v) = ci.info.get(PROGRESS_KEY) {
-                    return serde_json::from_value(v.clone())
-                        .map_err(|e| self.corrupt(&format!("unreadable progress record: {e}")));
-                }
+            if let Action::CommitInfo(ci) = action
+                && let Some(v) = ci.info.get(PROGRESS_KEY)
+            {
+                return serde_json::from_value(v.clone())
+                    .map_err(|e| self.corrupt(&format!("unreadable progress record: {e}")));
             }
         }
         if version == 0 {
@@ -324,7 +363,11 @@ impl Checkpoint {
     }
 
     /// Reads every pending event, conformed to the engine's normalized schema.
-    pub async fn pending(&self, state: Option<&DeltaTable>, schema: &SchemaRef) -> Result<RecordBatch> {
+    pub async fn pending(
+        &self,
+        state: Option<&DeltaTable>,
+        schema: &SchemaRef,
+    ) -> Result<RecordBatch> {
         let Some(table) = state else {
             return Ok(RecordBatch::new_empty(schema.clone()));
         };
@@ -335,7 +378,11 @@ impl Checkpoint {
             .iter()
             .map(|b| conform(b, schema))
             .collect::<Result<_>>()
-            .map_err(|e| self.corrupt(&format!("the pending state does not match this run's columns: {e}")))?;
+            .map_err(|e| {
+                self.corrupt(&format!(
+                    "the pending state does not match this run's columns: {e}"
+                ))
+            })?;
         Ok(arrow::compute::concat_batches(schema, &conformed)?)
     }
 
@@ -369,7 +416,8 @@ impl Checkpoint {
             .with_save_mode(SaveMode::Overwrite)
             .with_commit_properties(props)
             .await;
-        crate::sink::committed_or_recheck(result, &self.state_location(), app_id, progress.seq).await
+        crate::sink::committed_or_recheck(result, &self.state_location(), app_id, progress.seq)
+            .await
     }
 }
 
@@ -377,9 +425,9 @@ impl Checkpoint {
 pub fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
     let mut cols = Vec::with_capacity(schema.fields().len());
     for f in schema.fields() {
-        let c = batch.column_by_name(f.name()).ok_or_else(|| {
-            Error::Checkpoint(format!("column `{}` is missing", f.name()))
-        })?;
+        let c = batch
+            .column_by_name(f.name())
+            .ok_or_else(|| Error::Checkpoint(format!("column `{}` is missing", f.name())))?;
         cols.push(if c.data_type() == f.data_type() {
             c.clone()
         } else {

@@ -30,10 +30,14 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// One available-now run: read new events, close sessions, write sessions, live and state.
-    #[command(after_help = "Example:\n  sessionizer sessionize --gap 40m --watermark-delay 15m --output json")]
+    #[command(
+        after_help = "Example:\n  sessionizer sessionize --gap 40m --watermark-delay 15m --output json"
+    )]
     Sessionize(SessionizeArgs),
     /// Append demo events to the events table in one commit.
-    #[command(after_help = "Examples:\n  sessionizer generate-rows\n  sessionizer generate-rows --closing\n  sessionizer generate-rows --users 100 --per-user 5 --seed 7")]
+    #[command(
+        after_help = "Examples:\n  sessionizer generate-rows\n  sessionizer generate-rows --closing\n  sessionizer generate-rows --users 100 --per-user 5 --seed 7"
+    )]
     GenerateRows(GenerateArgs),
     /// Print tables the way Spark's show() does.
     #[command(after_help = "Example:\n  sessionizer read-tables --table sessions --limit 50")]
@@ -74,8 +78,14 @@ impl TableArgs {
         let base = &self.base_dir;
         Tables {
             events: self.events.clone().unwrap_or_else(|| base.join("events")),
-            sessions: self.sessions.clone().unwrap_or_else(|| base.join("sessions")),
-            live: self.live.clone().unwrap_or_else(|| base.join("live_sessions")),
+            sessions: self
+                .sessions
+                .clone()
+                .unwrap_or_else(|| base.join("sessions")),
+            live: self
+                .live
+                .clone()
+                .unwrap_or_else(|| base.join("live_sessions")),
             checkpoint: self
                 .checkpoint
                 .clone()
@@ -114,7 +124,12 @@ pub struct SessionizeArgs {
     #[arg(long, env = "SESSIONIZER_OUTPUT", value_enum, default_value = "text")]
     pub output: OutputFormat,
     /// What to do with source commits that remove data (DELETE, UPDATE, MERGE, overwrite).
-    #[arg(long, env = "SESSIONIZER_ON_CHANGE_COMMIT", value_enum, default_value = "fail")]
+    #[arg(
+        long,
+        env = "SESSIONIZER_ON_CHANGE_COMMIT",
+        value_enum,
+        default_value = "fail"
+    )]
     pub on_change_commit: OnChangeCommit,
     /// Cut a backlog into batches of at most this many data files (at version boundaries).
     #[arg(long, env = "SESSIONIZER_MAX_FILES_PER_BATCH", default_value_t = 1000)]

@@ -143,7 +143,9 @@ impl TableLocation {
             url.set_path(&format!("{}/", url.path()));
         }
         TableLocation {
-            url: url.join(&format!("{name}/")).expect("a plain child name joins"),
+            url: url
+                .join(&format!("{name}/"))
+                .expect("a plain child name joins"),
         }
     }
     pub fn from_path(p: &Path) -> Result<Self, String> {
@@ -331,7 +333,15 @@ mod tests {
             assert_eq!(d.to_string().parse::<Dur>().unwrap(), d, "{s} round-trips");
         }
         assert_eq!(Dur::from_minutes(60).to_string(), "1h");
-        for bad in ["", "15", "m", "15 minutes", "1.5h", "-3m", "99999999999999999d"] {
+        for bad in [
+            "",
+            "15",
+            "m",
+            "15 minutes",
+            "1.5h",
+            "-3m",
+            "99999999999999999d",
+        ] {
             assert!(bad.parse::<Dur>().is_err(), "{bad} should be rejected");
         }
         let err = "15x".parse::<Dur>().unwrap_err();
@@ -352,7 +362,10 @@ mod tests {
         let l: TableLocation = "/tmp/x/events".parse().unwrap();
         assert_eq!(l.url().as_str(), "file:///tmp/x/events/");
         assert_eq!(l.local_path().unwrap(), PathBuf::from("/tmp/x/events"));
-        assert_eq!(l.join("state").url().as_str(), "file:///tmp/x/events/state/");
+        assert_eq!(
+            l.join("state").url().as_str(),
+            "file:///tmp/x/events/state/"
+        );
         let s: TableLocation = "s3://bucket/events".parse().unwrap();
         assert_eq!(s.url().as_str(), "s3://bucket/events/");
         assert!(s.local_path().is_none());

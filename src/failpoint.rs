@@ -13,3 +13,18 @@ pub fn hit(name: &str) {
         std::process::exit(101);
     }
 }
+
+/// For the concurrency tests: `SESSIONIZER_FAILPOINT=pause-after-lock` holds the lock for
+/// `SESSIONIZER_PAUSE_MS` (default 3000) milliseconds before working, so that a second run
+/// can be started while the first one surely holds it.
+pub async fn pause(name: &str) {
+    if let Ok(want) = std::env::var("SESSIONIZER_FAILPOINT")
+        && want == name
+    {
+        let ms = std::env::var("SESSIONIZER_PAUSE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3000);
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+}

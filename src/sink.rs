@@ -21,7 +21,11 @@ use crate::config::TableLocation;
 use crate::error::{Error, Result};
 
 /// Creates a Delta table with this Arrow schema (optionally `delta.appendOnly = true`).
-pub async fn create_table(loc: &TableLocation, schema: &Schema, append_only: bool) -> Result<DeltaTable> {
+pub async fn create_table(
+    loc: &TableLocation,
+    schema: &Schema,
+    append_only: bool,
+) -> Result<DeltaTable> {
     if let Some(p) = loc.local_path() {
         std::fs::create_dir_all(&p)?;
     }
@@ -40,7 +44,9 @@ pub async fn create_table(loc: &TableLocation, schema: &Schema, append_only: boo
 }
 
 async fn load(loc: &TableLocation) -> Result<DeltaTable> {
-    Ok(DeltaTableBuilder::from_url(loc.url().clone())?.load().await?)
+    Ok(DeltaTableBuilder::from_url(loc.url().clone())?
+        .load()
+        .await?)
 }
 
 /// Opens an output table, creating it on first use; refuses one whose columns do not fit.
@@ -183,7 +189,12 @@ pub async fn merge_live(
         .map(|k| format!("target.{} = source.{}", q(k), q(k)))
         .collect::<Vec<_>>()
         .join(" AND ");
-    let columns: Vec<String> = rows.schema().fields().iter().map(|f| f.name().clone()).collect();
+    let columns: Vec<String> = rows
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
     let ctx = SessionContext::new();
     let source = ctx.read_batch(rows)?;
     let result = table

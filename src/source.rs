@@ -32,7 +32,12 @@ use crate::error::{Error, Result};
 
 /// Opens the events table at its latest version, or explains why it is not one.
 pub async fn open_events(loc: &TableLocation) -> Result<DeltaTable> {
-    open_existing(loc, "--events", "create it with `sessionizer generate-rows`, or point --events at your table").await
+    open_existing(
+        loc,
+        "--events",
+        "create it with `sessionizer generate-rows`, or point --events at your table",
+    )
+    .await
 }
 
 /// Opens an existing Delta table, turning "not there" into a usage error naming the flag.
@@ -52,7 +57,9 @@ pub async fn try_load(loc: &TableLocation) -> Result<Option<DeltaTable>> {
     if let Some(p) = loc.local_path() {
         let log = p.join("_delta_log");
         let has_commits = std::fs::read_dir(&log)
-            .map(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".json"))))
+            .map(|mut d| {
+                d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".json")))
+            })
             .unwrap_or(false);
         if !has_commits {
             return Ok(None);
@@ -65,7 +72,9 @@ pub async fn try_load(loc: &TableLocation) -> Result<Option<DeltaTable>> {
     }
     match DeltaTableBuilder::from_url(loc.url().clone())?.load().await {
         Ok(t) => Ok(Some(t)),
-        Err(DeltaTableError::NotATable(_)) | Err(DeltaTableError::InvalidTableLocation(_)) => Ok(None),
+        Err(DeltaTableError::NotATable(_)) | Err(DeltaTableError::InvalidTableLocation(_)) => {
+            Ok(None)
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -141,7 +150,9 @@ pub async fn read_version(
             OnChangeCommit::Skip => Ok(VersionFiles {
                 version,
                 files: Vec::new(),
-                skipped: Some(format!("{operation} removes data; skipped (--on-change-commit skip)")),
+                skipped: Some(format!(
+                    "{operation} removes data; skipped (--on-change-commit skip)"
+                )),
             }),
         };
     }
@@ -178,9 +189,10 @@ pub async fn plan_versions(
         let vf = read_version(log_store, v, on_change).await?;
         let f = vf.files.len();
         let b: u64 = vf.files.iter().map(|f| f.size).sum();
-        let over = files + f > limits.max_files
-            || limits.max_bytes.is_some_and(|m| bytes + b > m.0);
-        if !out.is_empty() && over {
+        let over =
+            files + f > limits.max_files || limits.max_bytes.is_some_and(|m| bytes + b > m.0);
+        // Versions without data files (compaction, metadata) never make a batch of their own.
+        if files > 0 && over {
             break;
         }
         files += f;
@@ -211,14 +223,15 @@ pub async fn read_events(
         })
         .collect();
     let parallel = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
-    let results: Vec<Vec<RecordBatch>> = futures::stream::iter(jobs.into_iter().map(|(v, i, f)| {
-        let store = store.clone();
-        let wanted = wanted.clone();
-        async move { read_file(store, v, i, &f, spec, table_schema, &wanted).await }
-    }))
-    .buffered(parallel)
-    .try_collect()
-    .await?;
+    let results: Vec<Vec<RecordBatch>> =
+        futures::stream::iter(jobs.into_iter().map(|(v, i, f)| {
+            let store = store.clone();
+            let wanted = wanted.clone();
+            async move { read_file(store, v, i, &f, spec, table_schema, &wanted).await }
+        }))
+        .buffered(parallel)
+        .try_collect()
+        .await?;
     Ok(results.into_iter().flatten().collect())
 }
 
@@ -232,7 +245,10 @@ async fn read_file(
     wanted: &[String],
 ) -> Result<Vec<RecordBatch>> {
     let path = Path::from_url_path(&file.path).map_err(|e| {
-        Error::Source(format!("version {version} names a data file `{}` that is not a valid path: {e}", file.path))
+        Error::Source(format!(
+            "version {version} names a data file `{}` that is not a valid path: {e}",
+            file.path
+        ))
     })?;
     #[allow(deprecated)]
     let reader = ParquetObjectReader::new(store, path).with_file_size(file.size);
@@ -250,13 +266,23 @@ async fn read_file(
         .filter_map(|c| file_schema.index_of(c).ok())
         .collect();
     let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
-    let mut stream = builder.with_projection(mask).with_batch_size(64 * 1024).build()?;
+    let mut stream = builder
+        .with_projection(mask)
+        .with_batch_size(64 * 1024)
+        .build()?;
     let mut out = Vec::new();
     let mut row = 0i64;
     while let Some(batch) = stream.next().await {
         let batch = with_partition_columns(batch?, file, wanted, table_schema)?;
         let n = batch.num_rows() as i64;
-        out.push(normalize(spec, &batch, version as i64, file_idx, row, None)?);
+        out.push(normalize(
+            spec,
+            &batch,
+            version as i64,
+            file_idx,
+            row,
+            None,
+        )?);
         row += n;
     }
     Ok(out)

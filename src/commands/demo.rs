@@ -64,7 +64,9 @@ pub async fn command(args: &DemoArgs, out: &mut dyn Write) -> Result<()> {
     let tables = table_args(base);
     let resolved = tables.resolve();
     let run_args = demo_sessionize_args(base);
-    let t0 = Utc::now().with_nanosecond(0).expect("zero nanoseconds is valid");
+    let t0 = Utc::now()
+        .with_nanosecond(0)
+        .expect("zero nanoseconds is valid");
     let step = |out: &mut dyn Write, n: u32, text: &str| -> std::io::Result<()> {
         writeln!(out, "\n=== step {n}: {text}")
     };
@@ -75,7 +77,11 @@ pub async fn command(args: &DemoArgs, out: &mut dyn Write) -> Result<()> {
          {DEMO_GAP} past its last event."
     )?;
 
-    step(out, 1, "generate the reference rows (user 1 twice, users 2 and 3 once) at the current time")?;
+    step(
+        out,
+        1,
+        "generate the reference rows (user 1 twice, users 2 and 3 once) at the current time",
+    )?;
     let gen_args = |at: Option<String>, closing: bool| crate::cli::GenerateArgs {
         tables: tables.clone(),
         closing,
@@ -87,23 +93,45 @@ pub async fn command(args: &DemoArgs, out: &mut dyn Write) -> Result<()> {
     generate_rows::command(&gen_args(Some(t0.to_rfc3339()), false), out).await?;
     read_tables::show(&resolved, TableChoice::Events, 20, out).await?;
 
-    step(out, 2, "sessionize: every session is still open, so the sessions table stays empty and live shows them online")?;
+    step(
+        out,
+        2,
+        "sessionize: every session is still open, so the sessions table stays empty and live shows them online",
+    )?;
     sessionize::command(&run_args, out).await?;
     read_tables::show(&resolved, TableChoice::Sessions, 20, out).await?;
     read_tables::show(&resolved, TableChoice::Live, 20, out).await?;
 
-    step(out, 3, "generate the same users again, 73 seconds later, and sessionize: they join the open sessions, nothing closes yet")?;
-    generate_rows::command(&gen_args(Some((t0 + Duration::seconds(73)).to_rfc3339()), false), out).await?;
+    step(
+        out,
+        3,
+        "generate the same users again, 73 seconds later, and sessionize: they join the open sessions, nothing closes yet",
+    )?;
+    generate_rows::command(
+        &gen_args(Some((t0 + Duration::seconds(73)).to_rfc3339()), false),
+        out,
+    )
+    .await?;
     sessionize::command(&run_args, out).await?;
     read_tables::show(&resolved, TableChoice::Sessions, 20, out).await?;
     read_tables::show(&resolved, TableChoice::Pending, 20, out).await?;
 
-    step(out, 4, "generate a closing row: a new user 61 minutes after the latest event, which moves the watermark past the open sessions")?;
+    step(
+        out,
+        4,
+        "generate a closing row: a new user 61 minutes after the latest event, which moves the watermark past the open sessions",
+    )?;
     generate_rows::command(&gen_args(None, true), out).await?;
     sessionize::command(&run_args, out).await?;
-    writeln!(out, "Users 1, 2 and 3 now have one closed session each, holding both visits (close_reason = inactivity):")?;
+    writeln!(
+        out,
+        "Users 1, 2 and 3 now have one closed session each, holding both visits (close_reason = inactivity):"
+    )?;
     read_tables::show(&resolved, TableChoice::Sessions, 20, out).await?;
-    writeln!(out, "The live table shows them offline, and the new user online:")?;
+    writeln!(
+        out,
+        "The live table shows them offline, and the new user online:"
+    )?;
     read_tables::show(&resolved, TableChoice::Live, 20, out).await?;
     writeln!(
         out,

@@ -6,8 +6,12 @@
 use std::io::Write;
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
-use arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, TimeUnit, TimestampMicrosecondType};
+use arrow::array::{
+    Array, AsArray, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
+};
+use arrow::datatypes::{
+    DataType, Field, Int64Type, Schema, SchemaRef, TimeUnit, TimestampMicrosecondType,
+};
 use chrono::{DateTime, NaiveDateTime, Utc};
 use datafusion::prelude::SessionContext;
 use deltalake::protocol::SaveMode;
@@ -36,7 +40,11 @@ pub fn parse_time(s: &str) -> Result<DateTime<Utc>> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Ok(t.with_timezone(&Utc));
     }
-    for fmt in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M"] {
+    for fmt in [
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M",
+    ] {
         if let Ok(t) = NaiveDateTime::parse_from_str(s, fmt) {
             return Ok(t.and_utc());
         }
@@ -82,7 +90,9 @@ fn to_batch(rows: &Rows) -> Result<RecordBatch> {
                 TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.1))
                     .with_timezone("UTC"),
             ),
-            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.2.as_str()))),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.2.as_str()),
+            )),
         ],
     )?)
 }
@@ -102,7 +112,10 @@ async fn latest_event(loc: &TableLocation) -> Result<Option<(i64, i64)>> {
     let Some(b) = b.first().filter(|b| b.num_rows() == 1) else {
         return Ok(None);
     };
-    let t = arrow::compute::cast(b.column(0), &DataType::Timestamp(TimeUnit::Microsecond, None))?;
+    let t = arrow::compute::cast(
+        b.column(0),
+        &DataType::Timestamp(TimeUnit::Microsecond, None),
+    )?;
     let t = t.as_primitive::<TimestampMicrosecondType>();
     let u = arrow::compute::cast(b.column(1), &DataType::Int64)?;
     let u = u.as_primitive::<Int64Type>();
@@ -113,7 +126,10 @@ async fn latest_event(loc: &TableLocation) -> Result<Option<(i64, i64)>> {
 pub async fn append(loc: &TableLocation, rows: &Rows) -> Result<i64> {
     let batch = to_batch(rows)?;
     let table = sink::open_or_create(loc, &demo_schema(), false, "--events").await?;
-    let table = table.write(vec![batch]).with_save_mode(SaveMode::Append).await?;
+    let table = table
+        .write(vec![batch])
+        .with_save_mode(SaveMode::Append)
+        .await?;
     Ok(table.version().map_or(0, |v| v as i64))
 }
 
@@ -142,7 +158,11 @@ pub async fn command(args: &GenerateArgs, out: &mut dyn Write) -> Result<()> {
     let loc = args.tables.resolve().events;
     let rows = rows_for(args, &loc).await?;
     let version = append(&loc, &rows).await?;
-    writeln!(out, "generate-rows: appended {} rows to {loc} as version {version}", rows.len())?;
+    writeln!(
+        out,
+        "generate-rows: appended {} rows to {loc} as version {version}",
+        rows.len()
+    )?;
     Ok(())
 }
 

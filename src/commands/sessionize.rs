@@ -14,7 +14,9 @@ use serde::Serialize;
 use crate::checkpoint::{Checkpoint, Identity, Plan, Progress};
 use crate::cli::SessionizeArgs;
 use crate::config::{Collect, OutputFormat, Settings, split_list};
-use crate::engine::{Engine, EventSpec, SessionRules, live_schema, rejected_schema, sessions_schema};
+use crate::engine::{
+    Engine, EventSpec, SessionRules, live_schema, rejected_schema, sessions_schema,
+};
 use crate::error::{Error, Result};
 use crate::source::{self, BatchLimits, VersionFiles};
 use crate::{failpoint, sink};
@@ -39,14 +41,20 @@ pub struct RunSummary {
 impl RunSummary {
     pub fn print(&self, format: OutputFormat, out: &mut dyn Write) -> std::io::Result<()> {
         match format {
-            OutputFormat::Json => writeln!(out, "{}", serde_json::to_string(self).expect("serializable")),
+            OutputFormat::Json => writeln!(
+                out,
+                "{}",
+                serde_json::to_string(self).expect("serializable")
+            ),
             OutputFormat::Text => {
                 let none = "-".to_string();
                 writeln!(
                     out,
                     "sessionize: versions {} in {} batch(es), {} rows read ({} late, {} invalid), \
                      {} sessions closed, {} pending, {} live rows upserted, watermark {}, {} ms",
-                    self.source_versions.as_ref().unwrap_or(&"none new".to_string()),
+                    self.source_versions
+                        .as_ref()
+                        .unwrap_or(&"none new".to_string()),
                     self.batches,
                     self.rows_read,
                     self.rows_late,
@@ -113,7 +121,13 @@ pub async fn run(settings: &Settings) -> Result<RunSummary> {
         Collect::Auto | Collect::None => vec![],
         Collect::Columns(c) => c.clone(),
     };
-    let spec = EventSpec::resolve(&schema, &settings.keys, &settings.time_column, &collect, &settings.sums)?;
+    let spec = EventSpec::resolve(
+        &schema,
+        &settings.keys,
+        &settings.time_column,
+        &collect,
+        &settings.sums,
+    )?;
     let engine = Engine::new(
         spec.clone(),
         SessionRules {
@@ -141,6 +155,7 @@ pub async fn run(settings: &Settings) -> Result<RunSummary> {
         id.check_matches(&wanted, &cp.loc)?;
     }
     let lock = cp.lock(settings.break_lock).await?;
+    failpoint::pause("pause-after-lock").await;
     let result = async {
         let identity = match existing {
             Some(id) => id,
@@ -176,7 +191,9 @@ async fn run_locked(
 
     let mut state = cp.state_table().await?;
     let mut progress = cp.progress(state.as_ref()).await?;
-    let mut pending = cp.pending(state.as_ref(), &spec.normalized_schema()).await?;
+    let mut pending = cp
+        .pending(state.as_ref(), &spec.normalized_schema())
+        .await?;
     let mut next = match progress.last_version {
         Some(v) => v + 1,
         None => settings.starting_version.unwrap_or(0),
@@ -187,10 +204,13 @@ async fn run_locked(
         )));
     }
 
-    let mut sessions = sink::open_or_create(&t.sessions, &sessions_schema(spec), true, "--sessions").await?;
+    let mut sessions =
+        sink::open_or_create(&t.sessions, &sessions_schema(spec), true, "--sessions").await?;
     let mut live = sink::open_or_create(&t.live, &live_schema(spec), false, "--live").await?;
     let mut late = match &t.late_events {
-        Some(loc) => Some(sink::open_or_create(loc, &rejected_schema(spec), true, "--late-events").await?),
+        Some(loc) => {
+            Some(sink::open_or_create(loc, &rejected_schema(spec), true, "--late-events").await?)
+        }
         None => None,
     };
 
@@ -210,7 +230,14 @@ async fn run_locked(
                     Some((a, b)) => {
                         let mut v = Vec::new();
                         for version in a..=b {
-                            v.push(source::read_version(&log_store, version, settings.on_change_commit).await?);
+                            v.push(
+                                source::read_version(
+                                    &log_store,
+                                    version,
+                                    settings.on_change_commit,
+                                )
+                                .await?,
+                            );
                         }
                         v
                     }
@@ -220,7 +247,14 @@ async fn run_locked(
             }
             _ => {
                 let vfs = if next <= latest {
-                    source::plan_versions(&log_store, next, latest, limits, settings.on_change_commit).await?
+                    source::plan_versions(
+                        &log_store,
+                        next,
+                        latest,
+                        limits,
+                        settings.on_change_commit,
+                    )
+                    .await?
                 } else {
                     Vec::new()
                 };
@@ -249,14 +283,23 @@ async fn run_locked(
         failpoint::hit("after-read");
         let out = engine.step(&pending, &batches, progress.watermark_us, plan.flush)?;
 
-        let (s, _) = sink::append_once(sessions, &t.sessions, out.closed.clone(), &app_id, seq).await?;
+        let (s, _) =
+            sink::append_once(sessions, &t.sessions, out.closed.clone(), &app_id, seq).await?;
         sessions = s;
         failpoint::hit("after-sessions-commit");
         if let (Some(table), Some(loc)) = (late.take(), &t.late_events) {
             let (l, _) = sink::append_once(table, loc, out.rejected.clone(), &app_id, seq).await?;
             late = Some(l);
         }
-        let (l, upserted) = sink::merge_live(live, &t.live, out.live.clone(), &spec.key_columns, &app_id, seq).await?;
+        let (l, upserted) = sink::merge_live(
+            live,
+            &t.live,
+            out.live.clone(),
+            &spec.key_columns,
+            &app_id,
+            seq,
+        )
+        .await?;
         live = l;
         failpoint::hit("after-live-commit");
 
@@ -267,7 +310,10 @@ async fn run_locked(
             sessions_pending: out.metrics.sessions_pending,
             committed_at: Some(Utc::now().to_rfc3339()),
         };
-        state = Some(cp.write_state(state, out.pending.clone(), &new_progress, &app_id).await?);
+        state = Some(
+            cp.write_state(state, out.pending.clone(), &new_progress, &app_id)
+                .await?,
+        );
         failpoint::hit("after-state-commit");
 
         summary.batches += 1;

@@ -60,20 +60,34 @@ pub async fn status(args: &StatusArgs) -> Result<Status> {
 pub async fn command(args: &StatusArgs, out: &mut dyn Write) -> Result<()> {
     let s = status(args).await?;
     match args.output {
-        OutputFormat::Json => writeln!(out, "{}", serde_json::to_string(&s).expect("serializable"))?,
+        OutputFormat::Json => {
+            writeln!(out, "{}", serde_json::to_string(&s).expect("serializable"))?
+        }
         OutputFormat::Text => {
             let o = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
             let n = |v: Option<u64>| v.map_or("-".into(), |v| v.to_string());
             writeln!(out, "checkpoint:               {}", s.checkpoint)?;
             writeln!(out, "events table:             {}", s.events_table)?;
-            writeln!(out, "last version processed:   {}", n(s.last_version_processed))?;
-            writeln!(out, "latest version available: {}", n(s.latest_version_available))?;
+            writeln!(
+                out,
+                "last version processed:   {}",
+                n(s.last_version_processed)
+            )?;
+            writeln!(
+                out,
+                "latest version available: {}",
+                n(s.latest_version_available)
+            )?;
             writeln!(out, "versions behind:          {}", n(s.versions_behind))?;
             writeln!(out, "watermark:                {}", o(&s.watermark))?;
             writeln!(out, "pending sessions:         {}", s.sessions_pending)?;
             writeln!(out, "batches committed:        {}", s.batches_committed)?;
             writeln!(out, "last run at:              {}", o(&s.last_run_at))?;
-            writeln!(out, "lock:                     {}", s.lock.clone().unwrap_or_else(|| "free".into()))?;
+            writeln!(
+                out,
+                "lock:                     {}",
+                s.lock.clone().unwrap_or_else(|| "free".into())
+            )?;
         }
     }
     Ok(())

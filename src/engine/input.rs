@@ -58,9 +58,7 @@ pub enum SpecError {
         "the time column `{column}` has type {found}; it must be a timestamp, timestamp_ntz, or an integer of epoch milliseconds (choose another with --time-column)"
     )]
     BadTimeType { column: String, found: DataType },
-    #[error(
-        "the --sum column `{column}` has type {found}; only numeric columns can be summed"
-    )]
+    #[error("the --sum column `{column}` has type {found}; only numeric columns can be summed")]
     BadSumType { column: String, found: DataType },
     #[error(
         "the column `{column}` collides with a name sessionizer uses internally; rename it in a view or leave it out of --key/--collect/--sum"
@@ -69,7 +67,11 @@ pub enum SpecError {
 }
 
 fn is_key_type(dt: &DataType) -> bool {
-    dt.is_integer() || matches!(dt, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
+    dt.is_integer()
+        || matches!(
+            dt,
+            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+        )
 }
 
 impl EventSpec {

@@ -20,7 +20,7 @@ mod output;
 mod rules;
 
 pub use input::{EventSpec, SpecError, TimeKind, normalize, sum_input_name};
-pub use output::{live_schema, rejected_schema, sessions_schema, session_id};
+pub use output::{live_schema, rejected_schema, session_id, sessions_schema};
 pub use rules::{CloseReason, SessionRules, SessionSpan};
 
 use std::sync::Arc;
@@ -28,8 +28,8 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, BooleanArray, Int64Array, RecordBatch};
 use arrow::compute::kernels::cmp::lt;
 use arrow::compute::{
-    SortColumn, SortOptions, concat_batches, filter_record_batch, is_null, lexsort_to_indices,
-    not, or, take_record_batch,
+    SortColumn, SortOptions, concat_batches, filter_record_batch, is_null, lexsort_to_indices, not,
+    or, take_record_batch,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::error::ArrowError;

@@ -143,7 +143,11 @@ struct Gathered {
     sums: Vec<ArrayRef>,
 }
 
-fn gather(spec: &EventSpec, sorted: &RecordBatch, spans: &[&SessionSpan]) -> Result<Gathered, ArrowError> {
+fn gather(
+    spec: &EventSpec,
+    sorted: &RecordBatch,
+    spans: &[&SessionSpan],
+) -> Result<Gathered, ArrowError> {
     let times = sorted
         .column_by_name(TIME_COL)
         .expect("time column")
@@ -235,14 +239,15 @@ fn visited_pages(
     sorted: &RecordBatch,
     spans: &[SessionSpan],
 ) -> Result<ListArray, ArrowError> {
-    let idx = UInt32Array::from_iter_values(
-        spans
-            .iter()
-            .flat_map(|s| (s.start as u32)..(s.end as u32)),
-    );
+    let idx =
+        UInt32Array::from_iter_values(spans.iter().flat_map(|s| (s.start as u32)..(s.end as u32)));
     let mut children: Vec<ArrayRef> = Vec::new();
     for (c, _) in &spec.collect {
-        children.push(take(sorted.column_by_name(c).expect("collect column"), &idx, None)?);
+        children.push(take(
+            sorted.column_by_name(c).expect("collect column"),
+            &idx,
+            None,
+        )?);
     }
     let times = take(sorted.column_by_name(TIME_COL).expect("time"), &idx, None)?;
     let ms: Int64Array = times
@@ -272,9 +277,10 @@ pub(super) fn live_rows(
     cols.push(Arc::new(g.end));
     cols.push(Arc::new(g.count));
     cols.extend(g.sums);
-    cols.push(Arc::new(StringArray::from_iter_values(rows.iter().map(
-        |(_, online)| if *online { "online" } else { "offline" },
-    ))));
+    cols.push(Arc::new(StringArray::from_iter_values(
+        rows.iter()
+            .map(|(_, online)| if *online { "online" } else { "offline" }),
+    )));
     RecordBatch::try_new(live_schema(spec), cols)
 }
 

@@ -53,13 +53,19 @@ fn events(version: i64, rows: &[(Option<i64>, Option<i64>, &str)]) -> RecordBatc
     RecordBatch::try_new(
         spec().normalized_schema(),
         vec![
-            Arc::new(Int64Array::from(rows.iter().map(|r| r.0).collect::<Vec<_>>())),
-            Arc::new(Int64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())),
+            Arc::new(Int64Array::from(
+                rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+            )),
+            Arc::new(Int64Array::from(
+                rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+            )),
             Arc::new(Int64Array::from_value(version, n)),
             Arc::new(Int32Array::from_value(0, n)),
             Arc::new(Int64Array::from_iter_values(0..n as i64)),
             Arc::new(BooleanArray::from(vec![false; n])),
-            Arc::new(StringArray::from(rows.iter().map(|r| r.2).collect::<Vec<_>>())),
+            Arc::new(StringArray::from(
+                rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+            )),
         ],
     )
     .unwrap()
@@ -78,7 +84,10 @@ fn empty() -> RecordBatch {
 type Sess = (i64, i64, i64, i64, Vec<(String, i64)>);
 
 fn sessions(batch: &RecordBatch) -> Vec<Sess> {
-    let users = batch.column_by_name("user_id").unwrap().as_primitive::<Int64Type>();
+    let users = batch
+        .column_by_name("user_id")
+        .unwrap()
+        .as_primitive::<Int64Type>();
     let start = batch
         .column_by_name("start_time")
         .unwrap()
@@ -87,8 +96,14 @@ fn sessions(batch: &RecordBatch) -> Vec<Sess> {
         .column_by_name("end_time")
         .unwrap()
         .as_primitive::<TimestampMicrosecondType>();
-    let count = batch.column_by_name("event_count").unwrap().as_primitive::<Int64Type>();
-    let pages = batch.column_by_name("visited_pages").unwrap().as_list::<i32>();
+    let count = batch
+        .column_by_name("event_count")
+        .unwrap()
+        .as_primitive::<Int64Type>();
+    let pages = batch
+        .column_by_name("visited_pages")
+        .unwrap()
+        .as_list::<i32>();
     let mut out: Vec<Sess> = (0..batch.num_rows())
         .map(|i| {
             let p = pages.value(i);
@@ -98,7 +113,13 @@ fn sessions(batch: &RecordBatch) -> Vec<Sess> {
             let pv = (0..p.len())
                 .map(|j| (names.value(j).to_string(), ms.value(j)))
                 .collect();
-            (users.value(i), start.value(i), end.value(i), count.value(i), pv)
+            (
+                users.value(i),
+                start.value(i),
+                end.value(i),
+                count.value(i),
+                pv,
+            )
         })
         .collect();
     out.sort();
@@ -106,7 +127,10 @@ fn sessions(batch: &RecordBatch) -> Vec<Sess> {
 }
 
 fn reasons(batch: &RecordBatch) -> Vec<String> {
-    let r = batch.column_by_name("close_reason").unwrap().as_string::<i32>();
+    let r = batch
+        .column_by_name("close_reason")
+        .unwrap()
+        .as_string::<i32>();
     (0..r.len()).map(|i| r.value(i).to_string()).collect()
 }
 
@@ -136,10 +160,17 @@ fn one_microsecond_past_gap_starts_a_new_session() {
 #[test]
 fn watermark_trails_the_largest_event_time_by_the_delay_and_never_moves_back() {
     let e = engine(30, 15);
-    let out = e.step(&empty(), &[ev(0, &[(1, 100 * MIN)])], None, false).unwrap();
+    let out = e
+        .step(&empty(), &[ev(0, &[(1, 100 * MIN)])], None, false)
+        .unwrap();
     assert_eq!(out.watermark, Some(85 * MIN));
     let out2 = e
-        .step(&out.pending, &[ev(1, &[(2, 90 * MIN)])], out.watermark, false)
+        .step(
+            &out.pending,
+            &[ev(1, &[(2, 90 * MIN)])],
+            out.watermark,
+            false,
+        )
         .unwrap();
     assert_eq!(out2.watermark, Some(85 * MIN));
     let out3 = e.step(&out2.pending, &[], out2.watermark, false).unwrap();
@@ -154,15 +185,28 @@ fn a_session_closes_only_once_the_watermark_is_past_last_event_plus_gap() {
     assert_eq!(first.closed.num_rows(), 0);
     // Watermark = 45m - 15m = 30m == last + gap: not yet.
     let second = e
-        .step(&first.pending, &[ev(1, &[(2, 45 * MIN)])], first.watermark, false)
+        .step(
+            &first.pending,
+            &[ev(1, &[(2, 45 * MIN)])],
+            first.watermark,
+            false,
+        )
         .unwrap();
     assert_eq!(second.closed.num_rows(), 0);
     assert_eq!(second.metrics.sessions_pending, 2);
     // Watermark = 30m + 1us > last + gap: closes, by inactivity.
     let third = e
-        .step(&second.pending, &[ev(2, &[(2, 45 * MIN + 1)])], second.watermark, false)
+        .step(
+            &second.pending,
+            &[ev(2, &[(2, 45 * MIN + 1)])],
+            second.watermark,
+            false,
+        )
         .unwrap();
-    assert_eq!(sessions(&third.closed), vec![(1, 0, 0, 1, vec![("p".into(), 0)])]);
+    assert_eq!(
+        sessions(&third.closed),
+        vec![(1, 0, 0, 1, vec![("p".into(), 0)])]
+    );
     assert_eq!(reasons(&third.closed), vec!["inactivity"]);
     assert_eq!(third.metrics.sessions_pending, 1);
 }
@@ -175,44 +219,86 @@ fn a_bridging_event_merges_two_pending_sessions() {
         .unwrap();
     assert_eq!(first.metrics.sessions_pending, 2);
     let second = e
-        .step(&first.pending, &[ev(1, &[(1, 25 * MIN)])], first.watermark, false)
+        .step(
+            &first.pending,
+            &[ev(1, &[(1, 25 * MIN)])],
+            first.watermark,
+            false,
+        )
         .unwrap();
     assert_eq!(second.metrics.sessions_pending, 1);
-    let flushed = e.step(&second.pending, &[], second.watermark, true).unwrap();
+    let flushed = e
+        .step(&second.pending, &[], second.watermark, true)
+        .unwrap();
     let s = sessions(&flushed.closed);
     assert_eq!(s.len(), 1);
     assert_eq!((s[0].1, s[0].2, s[0].3), (0, 50 * MIN, 3));
     let times: Vec<i64> = s[0].4.iter().map(|p| p.1).collect();
-    assert_eq!(times, vec![0, 25 * 60_000, 50 * 60_000], "pages in time order");
+    assert_eq!(
+        times,
+        vec![0, 25 * 60_000, 50 * 60_000],
+        "pages in time order"
+    );
     assert_eq!(reasons(&flushed.closed), vec!["flush"]);
 }
 
 #[test]
 fn a_late_event_is_counted_and_folded_into_no_session() {
     let e = engine(30, 15);
-    let first = e.step(&empty(), &[ev(0, &[(1, 100 * MIN)])], None, false).unwrap();
+    let first = e
+        .step(&empty(), &[ev(0, &[(1, 100 * MIN)])], None, false)
+        .unwrap();
     // Watermark is 85m; an event at 84m is late even though user 1's session is open.
     let second = e
-        .step(&first.pending, &[ev(1, &[(1, 84 * MIN), (1, 86 * MIN)])], first.watermark, false)
+        .step(
+            &first.pending,
+            &[ev(1, &[(1, 84 * MIN), (1, 86 * MIN)])],
+            first.watermark,
+            false,
+        )
         .unwrap();
     assert_eq!(second.metrics.rows_late, 1);
     assert_eq!(second.metrics.rows_read, 2);
-    assert_eq!(second.pending.num_rows(), 2, "only the on-time event joined");
-    let reason = second.rejected.column_by_name("reason").unwrap().as_string::<i32>();
+    assert_eq!(
+        second.pending.num_rows(),
+        2,
+        "only the on-time event joined"
+    );
+    let reason = second
+        .rejected
+        .column_by_name("reason")
+        .unwrap()
+        .as_string::<i32>();
     assert_eq!(reason.value(0), "late");
-    let flushed = e.step(&second.pending, &[], second.watermark, true).unwrap();
+    let flushed = e
+        .step(&second.pending, &[], second.watermark, true)
+        .unwrap();
     assert_eq!(sessions(&flushed.closed)[0].1, 86 * MIN);
 }
 
 #[test]
 fn null_keys_and_null_times_are_invalid_not_fatal() {
     let e = engine(30, 15);
-    let batch = events(0, &[(None, Some(0), "a"), (Some(1), None, "b"), (Some(1), Some(5), "c")]);
+    let batch = events(
+        0,
+        &[
+            (None, Some(0), "a"),
+            (Some(1), None, "b"),
+            (Some(1), Some(5), "c"),
+        ],
+    );
     let out = e.step(&empty(), &[batch], None, false).unwrap();
     assert_eq!(out.metrics.rows_invalid, 2);
     assert_eq!(out.metrics.rows_late, 0);
-    let reason = out.rejected.column_by_name("reason").unwrap().as_string::<i32>();
-    assert_eq!((reason.value(0), reason.value(1)), ("null_key", "null_time"));
+    let reason = out
+        .rejected
+        .column_by_name("reason")
+        .unwrap()
+        .as_string::<i32>();
+    assert_eq!(
+        (reason.value(0), reason.value(1)),
+        ("null_key", "null_time")
+    );
     assert_eq!(out.pending.num_rows(), 1);
 }
 
@@ -223,23 +309,48 @@ fn live_rows_show_the_current_session_per_key() {
         .step(&empty(), &[ev(0, &[(1, 0), (2, 0), (2, MIN)])], None, false)
         .unwrap();
     assert_eq!(first.live.num_rows(), 2);
-    let status = first.live.column_by_name("status").unwrap().as_string::<i32>();
+    let status = first
+        .live
+        .column_by_name("status")
+        .unwrap()
+        .as_string::<i32>();
     assert!((0..2).all(|i| status.value(i) == "online"));
     // User 3 far later: both earlier sessions close, and only they and user 3 are upserted.
     let second = e
-        .step(&first.pending, &[ev(1, &[(3, 100 * MIN)])], first.watermark, false)
+        .step(
+            &first.pending,
+            &[ev(1, &[(3, 100 * MIN)])],
+            first.watermark,
+            false,
+        )
         .unwrap();
-    let users = second.live.column_by_name("user_id").unwrap().as_primitive::<Int64Type>();
-    let status = second.live.column_by_name("status").unwrap().as_string::<i32>();
+    let users = second
+        .live
+        .column_by_name("user_id")
+        .unwrap()
+        .as_primitive::<Int64Type>();
+    let status = second
+        .live
+        .column_by_name("status")
+        .unwrap()
+        .as_string::<i32>();
     let mut rows: Vec<(i64, String)> = (0..second.live.num_rows())
         .map(|i| (users.value(i), status.value(i).to_string()))
         .collect();
     rows.sort();
     assert_eq!(
         rows,
-        vec![(1, "offline".into()), (2, "offline".into()), (3, "online".into())]
+        vec![
+            (1, "offline".into()),
+            (2, "offline".into()),
+            (3, "online".into())
+        ]
     );
-    let count = second.live.column_by_name("event_count").unwrap().as_primitive::<Int64Type>();
+    let count = second
+        .live
+        .column_by_name("event_count")
+        .unwrap()
+        .as_primitive::<Int64Type>();
     let i2 = (0..3).find(|&i| users.value(i) == 2).unwrap();
     assert_eq!(count.value(i2), 2);
 }
@@ -247,8 +358,12 @@ fn live_rows_show_the_current_session_per_key() {
 #[test]
 fn session_ids_depend_on_key_and_start_only() {
     let e = engine(30, 15);
-    let a = e.step(&empty(), &[ev(0, &[(1, 0), (1, MIN)])], None, true).unwrap();
-    let b = e.step(&empty(), &[ev(7, &[(1, MIN), (1, 0)])], None, true).unwrap();
+    let a = e
+        .step(&empty(), &[ev(0, &[(1, 0), (1, MIN)])], None, true)
+        .unwrap();
+    let b = e
+        .step(&empty(), &[ev(7, &[(1, MIN), (1, 0)])], None, true)
+        .unwrap();
     let id = |b: &RecordBatch| b.column(0).as_string::<i32>().value(0).to_string();
     assert_eq!(id(&a.closed), id(&b.closed));
     assert_eq!(id(&a.closed).len(), 32);
@@ -259,8 +374,14 @@ fn session_ids_depend_on_key_and_start_only() {
 #[test]
 fn duration_is_whole_milliseconds_rounded_down() {
     let e = engine(30, 15);
-    let out = e.step(&empty(), &[ev(0, &[(1, 0), (1, 1_999)])], None, true).unwrap();
-    let d = out.closed.column_by_name("duration_ms").unwrap().as_primitive::<Int64Type>();
+    let out = e
+        .step(&empty(), &[ev(0, &[(1, 0), (1, 1_999)])], None, true)
+        .unwrap();
+    let d = out
+        .closed
+        .column_by_name("duration_ms")
+        .unwrap()
+        .as_primitive::<Int64Type>();
     assert_eq!(d.value(0), 1);
 }
 
@@ -283,7 +404,10 @@ fn sums_add_up_per_session_and_ignore_nulls() {
     )
     .unwrap();
     let norm = normalize(&spec, &raw, 3, 0, 0, None).unwrap();
-    let t = norm.column_by_name(TIME_COL).unwrap().as_primitive::<Int64Type>();
+    let t = norm
+        .column_by_name(TIME_COL)
+        .unwrap()
+        .as_primitive::<Int64Type>();
     assert_eq!(t.value(0), 1_000_000, "epoch millis become micros");
     let e = Engine::new(
         spec,
@@ -315,14 +439,18 @@ fn resolve_names_the_missing_column_and_the_flag() {
     let schema = Schema::new(vec![Field::new("user_id", DataType::Int64, true)]);
     let err = EventSpec::resolve(&schema, &["user".into()], "visit_time", &[], &[]).unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("`user`") && msg.contains("--key") && msg.contains("user_id"), "{msg}");
+    assert!(
+        msg.contains("`user`") && msg.contains("--key") && msg.contains("user_id"),
+        "{msg}"
+    );
     let err = EventSpec::resolve(&schema, &["user_id".into()], "visit_time", &[], &[]).unwrap_err();
     assert!(err.to_string().contains("--time-column"), "{err}");
     let bad_time = Schema::new(vec![
         Field::new("user_id", DataType::Int64, true),
         Field::new("visit_time", DataType::Utf8, true),
     ]);
-    let err = EventSpec::resolve(&bad_time, &["user_id".into()], "visit_time", &[], &[]).unwrap_err();
+    let err =
+        EventSpec::resolve(&bad_time, &["user_id".into()], "visit_time", &[], &[]).unwrap_err();
     assert!(matches!(err, SpecError::BadTimeType { .. }), "{err}");
 }
 

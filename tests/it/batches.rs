@@ -1,0 +1,82 @@
+//! Backlogs cut into batches: many small commits with --max-files-per-batch 1 end in the same
+//! tables as one batch when no event is late; --starting-version skips history.
+
+use crate::util::*;
+
+fn backlog(base: &Base) {
+    // Twelve commits, ten minutes apart: sessions of users 1-3 keep going, then a closing row.
+    for i in 0..12 {
+        let t = chrono::DateTime::parse_from_rfc3339("2026-02-15T08:00:00Z").unwrap()
+            + chrono::Duration::minutes(10 * i + if i >= 6 { 60 } else { 0 });
+        base.gen_at(&t.to_rfc3339());
+    }
+    base.ok(&["generate-rows", "--closing"]);
+}
+
+#[test]
+fn many_small_batches_equal_one_big_batch() {
+    let one = Base::new();
+    backlog(&one);
+    let s1 = one.ok(&["sessionize", "--output", "json"]).json();
+    assert_eq!(s1["batches"], 1);
+
+    let many = Base::new();
+    backlog(&many);
+    let s2 = many
+        .ok(&[
+            "sessionize",
+            "--max-files-per-batch",
+            "1",
+            "--output",
+            "json",
+        ])
+        .json();
+    assert_eq!(s2["batches"], 13, "one batch per data file: {s2}");
+    assert_eq!(s2["rows_read"], s1["rows_read"]);
+    assert_eq!(s2["rows_late"], 0);
+    assert_eq!(s1["sessions_closed"], s2["sessions_closed"]);
+
+    assert_eq!(one.rows("sessions"), many.rows("sessions"));
+    assert_eq!(one.rows("live_sessions"), many.rows("live_sessions"));
+    assert_eq!(one.rows("checkpoint/state"), many.rows("checkpoint/state"));
+    // Two rounds of sessions per user (the 60-minute pause splits them).
+    let counts = sql(
+        &one.table("sessions"),
+        "SELECT user_id, count(*) FROM t GROUP BY user_id",
+    );
+    assert_eq!(counts, vec!["1 | 2", "2 | 2", "3 | 2"]);
+}
+
+#[test]
+fn max_bytes_per_batch_also_cuts_at_version_boundaries() {
+    let base = Base::new();
+    backlog(&base);
+    let s = base
+        .ok(&[
+            "sessionize",
+            "--max-bytes-per-batch",
+            "1B",
+            "--output",
+            "json",
+        ])
+        .json();
+    assert_eq!(s["batches"], 13, "each version alone exceeds 1 byte: {s}");
+}
+
+#[test]
+fn starting_version_skips_older_history_for_a_new_checkpoint() {
+    let base = Base::new();
+    base.gen_at(T0); // versions 0 (create) and 1
+    base.gen_at("2026-02-15T17:06:00Z"); // version 2
+    let s = base
+        .ok(&["sessionize", "--starting-version", "2", "--output", "json"])
+        .json();
+    assert_eq!(s["source_versions"], "2..2");
+    assert_eq!(s["rows_read"], 4);
+    // An existing checkpoint ignores it.
+    base.gen_at("2026-02-15T17:07:00Z");
+    let s = base
+        .ok(&["sessionize", "--starting-version", "0", "--output", "json"])
+        .json();
+    assert_eq!(s["source_versions"], "3..3");
+}

@@ -1,0 +1,12 @@
+//! The one integration-test binary (one link step for DataFusion + delta-rs).
+//!
+//! Tests drive the real `sessionizer` binary on Delta tables in temporary folders and assert
+//! table contents, read back through delta-rs.
+
+mod bad_input;
+mod batches;
+mod crash;
+mod lock;
+mod source_commits;
+mod util;
+mod walkthrough;

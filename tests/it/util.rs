@@ -1,0 +1,202 @@
+//! Helpers: run the binary, read tables back as sorted text rows, Delta versions.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use arrow::array::RecordBatch;
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+use datafusion::prelude::SessionContext;
+use sessionizer::config::TableLocation;
+
+pub const T0: &str = "2026-02-15T17:05:34Z";
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_sessionizer")
+}
+
+/// A fresh base directory, removed at the end of the test.
+pub struct Base {
+    pub dir: tempfile::TempDir,
+}
+
+impl Base {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    pub fn table(&self, name: &str) -> PathBuf {
+        self.path().join(name)
+    }
+    /// Runs `sessionizer <args> --base-dir <base>` with extra environment variables.
+    pub fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> Out {
+        let mut cmd = Command::new(bin());
+        cmd.args(args).arg("--base-dir").arg(self.path());
+        cmd.env_remove("SESSIONIZER_FAILPOINT");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Out(cmd.output().expect("run sessionizer"))
+    }
+    pub fn run(&self, args: &[&str]) -> Out {
+        self.run_env(args, &[])
+    }
+    /// Runs and insists on success.
+    pub fn ok(&self, args: &[&str]) -> Out {
+        let out = self.run(args);
+        assert_eq!(
+            out.code(),
+            0,
+            "sessionizer {args:?} failed:\n{}",
+            out.stderr()
+        );
+        out
+    }
+    pub fn gen_at(&self, at: &str) {
+        self.ok(&["generate-rows", "--at", at]);
+    }
+    pub fn rows(&self, table: &str) -> Vec<String> {
+        rows(&self.table(table))
+    }
+    pub fn version(&self, table: &str) -> Option<u64> {
+        version(&self.table(table))
+    }
+}
+
+pub struct Out(pub Output);
+
+impl Out {
+    pub fn code(&self) -> i32 {
+        self.0.status.code().unwrap_or(-1)
+    }
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.0.stdout).into_owned()
+    }
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.0.stderr).into_owned()
+    }
+    pub fn json(&self) -> serde_json::Value {
+        let s = self.stdout();
+        serde_json::from_str(s.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+    }
+}
+
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn loc(p: &Path) -> TableLocation {
+    TableLocation::from_path(p).unwrap()
+}
+
+/// The table's current Delta version, or `None` if there is no table.
+pub fn version(p: &Path) -> Option<u64> {
+    rt().block_on(async {
+        sessionizer::source::try_load(&loc(p))
+            .await
+            .unwrap()
+            .and_then(|t| t.version())
+    })
+}
+
+/// All rows of a table as `a | b | c` strings (columns in table order), sorted.
+pub fn rows(p: &Path) -> Vec<String> {
+    let batches = read(p);
+    let mut out = Vec::new();
+    for b in &batches {
+        let opts = FormatOptions::default().with_null("null");
+        let fmts: Vec<ArrayFormatter> = b
+            .columns()
+            .iter()
+            .map(|c| ArrayFormatter::try_new(c.as_ref(), &opts).unwrap())
+            .collect();
+        for i in 0..b.num_rows() {
+            out.push(
+                fmts.iter()
+                    .map(|f| f.value(i).to_string())
+                    .collect::<Vec<_>>()
+                    .join(" | "),
+            );
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Column names of a table.
+pub fn columns(p: &Path) -> Vec<String> {
+    rt().block_on(async {
+        let t = sessionizer::source::try_load(&loc(p))
+            .await
+            .unwrap()
+            .expect("table exists");
+        sessionizer::source::arrow_schema(&t)
+            .unwrap()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect()
+    })
+}
+
+pub fn read(p: &Path) -> Vec<RecordBatch> {
+    rt().block_on(async {
+        let Some(t) = sessionizer::source::try_load(&loc(p)).await.unwrap() else {
+            return Vec::new();
+        };
+        let ctx = SessionContext::new();
+        ctx.read_table(t.table_provider().await.unwrap())
+            .unwrap()
+            .collect()
+            .await
+            .unwrap()
+    })
+}
+
+/// Runs a SQL query against one table registered as `t`, returning sorted text rows.
+pub fn sql(p: &Path, query: &str) -> Vec<String> {
+    let batches = rt().block_on(async {
+        let t = sessionizer::source::try_load(&loc(p))
+            .await
+            .unwrap()
+            .expect("table exists");
+        let ctx = SessionContext::new();
+        ctx.register_table("t", t.table_provider().await.unwrap())
+            .unwrap();
+        ctx.sql(query).await.unwrap().collect().await.unwrap()
+    });
+    let mut out = Vec::new();
+    for b in &batches {
+        let opts = FormatOptions::default().with_null("null");
+        let fmts: Vec<ArrayFormatter> = b
+            .columns()
+            .iter()
+            .map(|c| ArrayFormatter::try_new(c.as_ref(), &opts).unwrap())
+            .collect();
+        for i in 0..b.num_rows() {
+            out.push(
+                fmts.iter()
+                    .map(|f| f.value(i).to_string())
+                    .collect::<Vec<_>>()
+                    .join(" | "),
+            );
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The versions of the three output tables (sessions, live, checkpoint state).
+pub fn output_versions(base: &Base) -> [Option<u64>; 3] {
+    [
+        base.version("sessions"),
+        base.version("live_sessions"),
+        base.version("checkpoint/state"),
+    ]
+}
