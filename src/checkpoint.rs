@@ -59,6 +59,9 @@ pub struct Identity {
     pub watermark_delay: String,
     pub collect: Vec<String>,
     pub sums: Vec<String>,
+    /// `sessions`, or `pairs`; plus the rules that cut sessions. Absent in older checkpoints.
+    #[serde(default)]
+    pub rules: String,
     pub created_at: String,
 }
 

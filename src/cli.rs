@@ -3,7 +3,9 @@
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::config::{ByteSize, Collect, Dur, OnChangeCommit, OutputFormat, TableLocation, Tables};
+use crate::config::{
+    ByteSize, Collect, Dur, Mode, OnChangeCommit, OutputFormat, TableLocation, Tables,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,6 +25,12 @@ pub struct Cli {
     /// Only errors on stderr.
     #[arg(short, long, global = true)]
     pub quiet: bool,
+    /// Read flag values from this TOML file (top-level keys, then the `[env.NAME]` section).
+    #[arg(long, global = true, env = "SESSIONIZER_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+    /// The environment section of --config to apply over its top-level keys (dev, test, prod…).
+    #[arg(long = "env", global = true, env = "SESSIONIZER_ENV")]
+    pub environment: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -45,6 +53,11 @@ pub enum Command {
     /// Where the checkpoint stands: versions processed and available, watermark, pending sessions.
     #[command(after_help = "Example:\n  sessionizer status --output json")]
     Status(StatusArgs),
+    /// SQL over the tables: events, sessions, live, pending and late_events (those that exist).
+    #[command(
+        after_help = "Example:\n  sessionizer query \"SELECT avg(duration_ms) AS avg_ms FROM sessions\""
+    )]
+    Query(QueryArgs),
     /// The whole walkthrough on a fresh base directory, explaining each step.
     #[command(after_help = "Example:\n  sessionizer demo --base-dir /tmp/sessionizer-demo")]
     Demo(DemoArgs),
@@ -117,6 +130,21 @@ pub struct SessionizeArgs {
     /// Numeric columns summed per session into <COL>_sum.
     #[arg(long, env = "SESSIONIZER_SUM", value_delimiter = ',')]
     pub sum: Vec<String>,
+    /// sessions (gap-based) or pairs (explicit start and end events).
+    #[arg(long, env = "SESSIONIZER_MODE", value_enum, default_value = "sessions")]
+    pub mode: Mode,
+    /// SQL condition marking an event that ends its session (e.g. "action = 'deposit'").
+    #[arg(long, env = "SESSIONIZER_END_WHEN")]
+    pub end_when: Option<String>,
+    /// Pairs mode: SQL condition marking a start event.
+    #[arg(long, env = "SESSIONIZER_START_WHEN")]
+    pub start_when: Option<String>,
+    /// No session spans more than this; an event at or beyond start + max starts a new one.
+    #[arg(long, env = "SESSIONIZER_MAX_DURATION")]
+    pub max_duration: Option<Dur>,
+    /// Pairs mode: an open start with no end after this long is reported missing_end.
+    #[arg(long, env = "SESSIONIZER_PAIR_TIMEOUT", default_value = "1h")]
+    pub pair_timeout: Dur,
     /// Close every pending session now (end of a backfill, end of a day).
     #[arg(long, env = "SESSIONIZER_FLUSH")]
     pub flush: bool,
@@ -164,6 +192,27 @@ pub struct GenerateArgs {
     /// Seed of the random mode.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Write one window of a reference job's data instead (its own schema).
+    #[arg(long, value_enum, conflicts_with_all = ["closing", "users", "per_user"])]
+    pub scenario: Option<crate::commands::scenarios::Scenario>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QueryFormat {
+    Table,
+    Csv,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct QueryArgs {
+    #[command(flatten)]
+    pub tables: TableArgs,
+    /// The SQL; tables are named events, sessions, live, pending, late_events.
+    pub sql: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: QueryFormat,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -200,4 +249,7 @@ pub struct DemoArgs {
     /// The demo's own folder; its four tables are deleted and recreated.
     #[arg(long, default_value = "/tmp/sessionizer-demo")]
     pub base_dir: TableLocation,
+    /// Run one reference job's scenario instead of the walkthrough.
+    #[arg(long, value_enum)]
+    pub scenario: Option<crate::commands::scenarios::Scenario>,
 }

@@ -231,6 +231,15 @@ pub enum OnChangeCommit {
     Skip,
 }
 
+/// How sessions are formed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Inactivity gaps, end markers and a maximum length cut sessions.
+    Sessions,
+    /// Explicit start and end events are paired per key.
+    Pairs,
+}
+
 /// How the run summary is printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum OutputFormat {
@@ -266,6 +275,11 @@ pub struct Settings {
     pub watermark_delay: Dur,
     pub collect: Collect,
     pub sums: Vec<String>,
+    pub mode: Mode,
+    pub start_when: Option<String>,
+    pub end_when: Option<String>,
+    pub max_duration: Option<Dur>,
+    pub pair_timeout: Dur,
     pub flush: bool,
     pub output: OutputFormat,
     pub on_change_commit: OnChangeCommit,
@@ -286,6 +300,29 @@ impl Settings {
         }
         if self.watermark_delay.as_micros() < 0 {
             return Err("--watermark-delay cannot be negative".into());
+        }
+        match self.mode {
+            Mode::Pairs => {
+                if self.start_when.is_none() || self.end_when.is_none() {
+                    return Err("--mode pairs needs both --start-when and --end-when, e.g. \
+                         --start-when \"eventType = 'SessionStart'\" --end-when \"eventType = 'SessionEnd'\""
+                        .into());
+                }
+                if self.max_duration.is_some() {
+                    return Err("--max-duration applies to --mode sessions; in pairs mode use --pair-timeout".into());
+                }
+                if self.pair_timeout.as_micros() <= 0 {
+                    return Err("--pair-timeout must be positive".into());
+                }
+            }
+            Mode::Sessions => {
+                if self.start_when.is_some() {
+                    return Err("--start-when is only used with --mode pairs; to end sessions at an event use --end-when".into());
+                }
+            }
+        }
+        if self.max_duration.is_some_and(|m| m.as_micros() <= 0) {
+            return Err("--max-duration must be positive".into());
         }
         if self.max_files_per_batch == 0 {
             return Err("--max-files-per-batch must be at least 1".into());
@@ -382,4 +419,141 @@ mod tests {
             Collect::Columns(vec!["page".into(), "uri".into()])
         );
     }
+}
+
+/// Applies `--config FILE [--env NAME]` beneath the command line and the environment.
+///
+/// Precedence, lowest first: built-in default < file's top-level keys < the file's
+/// `[env.NAME]` section < `SESSIONIZER_*` variables < flags. clap already orders the last
+/// three; this adds the file by appending `--flag value` for exactly the flags whose value
+/// still comes from the default, then parsing again. Keys are flag names (`max-duration` or
+/// `max_duration`); a key no subcommand knows is an error, so a typo does not pass silently.
+pub fn parse_layered<I, T>(argv: I) -> Result<crate::cli::Cli, LayerError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::{CommandFactory, FromArgMatches, parser::ValueSource};
+    let mut argv: Vec<std::ffi::OsString> = argv.into_iter().map(Into::into).collect();
+    let cmd = crate::cli::Cli::command();
+    let matches = cmd.clone().try_get_matches_from(&argv)?;
+    let file = matches.get_one::<PathBuf>("config").cloned();
+    let env = matches.get_one::<String>("environment").cloned();
+    let Some(file) = file else {
+        if let Some(env) = env {
+            return Err(LayerError::Usage(format!(
+                "--env {env} needs --config FILE, the TOML file that defines [env.{env}]"
+            )));
+        }
+        return Ok(crate::cli::Cli::from_arg_matches(&matches)?);
+    };
+    let layers = load_layers(&file, env.as_deref())?;
+    let (name, sub_matches) = matches.subcommand().expect("a subcommand is required");
+    let sub = cmd.find_subcommand(name).expect("parsed subcommand exists");
+    let known_anywhere = |flag: &str| {
+        cmd.get_subcommands()
+            .any(|c| c.get_arguments().any(|a| a.get_long() == Some(flag)))
+    };
+    for (key, value) in layers {
+        let flag = key.replace('_', "-");
+        let Some(arg) = sub
+            .get_arguments()
+            .find(|a| a.get_long() == Some(flag.as_str()))
+        else {
+            if known_anywhere(&flag) {
+                continue; // meant for another subcommand
+            }
+            return Err(LayerError::Usage(format!(
+                "{}: `{key}` is not a sessionizer flag; keys are flag names without the dashes \
+                 (e.g. gap = \"30m\", max-files-per-batch = 100)",
+                file.display()
+            )));
+        };
+        let from_default = matches!(
+            sub_matches.value_source(arg.get_id().as_str()),
+            None | Some(ValueSource::DefaultValue)
+        );
+        if !from_default {
+            continue;
+        }
+        match value {
+            toml::Value::Boolean(true) => argv.push(format!("--{flag}").into()),
+            toml::Value::Boolean(false) => {}
+            toml::Value::String(s) => argv.push(format!("--{flag}={s}").into()),
+            toml::Value::Integer(i) => argv.push(format!("--{flag}={i}").into()),
+            toml::Value::Float(f) => argv.push(format!("--{flag}={f}").into()),
+            toml::Value::Array(items) => {
+                let parts: Vec<String> = items
+                    .iter()
+                    .map(|v| match v {
+                        toml::Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    })
+                    .collect();
+                argv.push(format!("--{flag}={}", parts.join(",")).into());
+            }
+            other => {
+                return Err(LayerError::Usage(format!(
+                    "{}: `{key}` has a value of type {} that no flag takes",
+                    file.display(),
+                    other.type_str()
+                )));
+            }
+        }
+    }
+    let matches = cmd.try_get_matches_from(&argv)?;
+    Ok(crate::cli::Cli::from_arg_matches(&matches)?)
+}
+
+/// The file's keys in the order they apply: top-level first, then the environment section.
+fn load_layers(file: &Path, env: Option<&str>) -> Result<Vec<(String, toml::Value)>, LayerError> {
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        LayerError::Usage(format!("--config {}: cannot read it: {e}", file.display()))
+    })?;
+    let mut table: toml::Table = text.parse().map_err(|e| {
+        LayerError::Usage(format!("--config {}: not valid TOML: {e}", file.display()))
+    })?;
+    let envs = match table.remove("env") {
+        Some(toml::Value::Table(t)) => t,
+        Some(_) => {
+            return Err(LayerError::Usage(format!(
+                "{}: `env` must be a table of sections like [env.prod]",
+                file.display()
+            )));
+        }
+        None => toml::Table::new(),
+    };
+    let mut merged: std::collections::BTreeMap<String, toml::Value> = table.into_iter().collect();
+    if let Some(name) = env {
+        let section = match envs.get(name) {
+            Some(toml::Value::Table(t)) => t.clone(),
+            _ => {
+                let names: Vec<&String> = envs.keys().collect();
+                return Err(LayerError::Usage(format!(
+                    "--env {name}: {} has no [env.{name}] section (it has: {})",
+                    file.display(),
+                    if names.is_empty() {
+                        "none".to_string()
+                    } else {
+                        names
+                            .iter()
+                            .map(|s| s.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    }
+                )));
+            }
+        };
+        merged.extend(section);
+    }
+    Ok(merged.into_iter().collect())
+}
+
+/// Why the command line (with its config file) could not be parsed.
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    #[error(transparent)]
+    Clap(#[from] clap::Error),
+    #[error("{0}")]
+    Usage(String),
 }

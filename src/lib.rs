@@ -36,6 +36,7 @@ pub async fn run(cli: cli::Cli, out: &mut dyn Write) -> Result<()> {
         GenerateRows(a) => commands::generate_rows::command(&a, out).await,
         ReadTables(a) => commands::read_tables::command(&a, out).await,
         Status(a) => commands::status::command(&a, out).await,
+        Query(a) => commands::query::command(&a, out).await,
         Demo(a) => commands::demo::command(&a, out).await,
     }
 }

@@ -3,18 +3,21 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use sessionizer::cli::Cli;
+use sessionizer::config::{LayerError, parse_layered};
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match parse_layered(std::env::args_os()) {
         Ok(c) => c,
-        Err(e) => {
+        Err(LayerError::Clap(e)) => {
             let code = if e.use_stderr() { 2 } else { 0 };
             let _ = e.print();
             return ExitCode::from(code);
+        }
+        Err(LayerError::Usage(msg)) => {
+            eprintln!("sessionizer: error: {msg}");
+            return ExitCode::from(2);
         }
     };
     let level = match (cli.quiet, cli.verbose) {

@@ -11,9 +11,15 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, RecordBatch, StringArray};
+use arrow::array::{
+    ArrayRef, AsArray, BooleanArray, RecordBatch, RecordBatchOptions, StringArray, new_null_array,
+};
 use arrow::compute::cast;
-use arrow::datatypes::{Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::common::DFSchema;
+use datafusion::logical_expr::ExprSchemable;
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::prelude::{SessionConfig, SessionContext};
 use deltalake::kernel::Action;
 use deltalake::logstore::{LogStoreRef, get_actions};
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
@@ -27,7 +33,7 @@ use parquet::arrow::ProjectionMask;
 use parquet::arrow::async_reader::{ParquetObjectReader, ParquetRecordBatchStreamBuilder};
 
 use crate::config::{ByteSize, OnChangeCommit, TableLocation};
-use crate::engine::{EventSpec, normalize};
+use crate::engine::{EventSpec, Markers, normalize};
 use crate::error::{Error, Result};
 
 /// Opens the events table at its latest version, or explains why it is not one.
@@ -202,17 +208,148 @@ pub async fn plan_versions(
     Ok(out)
 }
 
+/// What a run reads from each data file: the projected columns (keys, time, collected, summed,
+/// and those the predicates use, in this order and with the table's types) and the compiled
+/// `--start-when` / `--end-when` predicates, evaluated per batch with DataFusion.
+#[derive(Debug, Clone)]
+pub struct ReadPlan {
+    pub schema: SchemaRef,
+    pub start_when: Option<Arc<dyn PhysicalExpr>>,
+    pub end_when: Option<Arc<dyn PhysicalExpr>>,
+}
+
+impl ReadPlan {
+    /// Projects the table schema and compiles the predicates against the projection.
+    pub fn new(
+        spec: &EventSpec,
+        table_schema: &Schema,
+        start_when: Option<&str>,
+        end_when: Option<&str>,
+    ) -> Result<Self> {
+        let mut names = spec.source_columns();
+        let ctx = predicate_context();
+        let full = DFSchema::try_from(table_schema.clone())?;
+        let mut parsed = Vec::new();
+        for (sql, flag) in [(start_when, "--start-when"), (end_when, "--end-when")] {
+            let Some(sql) = sql else {
+                parsed.push(None);
+                continue;
+            };
+            let expr = ctx
+                .parse_sql_expr(sql, &full)
+                .map_err(|e| bad_predicate(flag, sql, e))?;
+            for c in expr.column_refs() {
+                if !names.contains(&c.name) {
+                    names.push(c.name.clone());
+                }
+            }
+            parsed.push(Some((expr, flag, sql)));
+        }
+        let fields: Vec<Field> = names
+            .iter()
+            .map(|n| {
+                table_schema
+                    .field_with_name(n)
+                    .map(|f| f.clone().with_nullable(true))
+            })
+            .collect::<std::result::Result<_, _>>()?;
+        let schema = Arc::new(Schema::new(fields));
+        let projected = DFSchema::try_from(schema.as_ref().clone())?;
+        let mut compiled = Vec::new();
+        for p in parsed {
+            compiled.push(match p {
+                None => None,
+                Some((expr, flag, sql)) => {
+                    let dt = expr
+                        .to_field(&projected)
+                        .map_err(|e| bad_predicate(flag, sql, e))?
+                        .1
+                        .data_type()
+                        .clone();
+                    if dt != DataType::Boolean {
+                        return Err(Error::usage(format!(
+                            "{flag} `{sql}` is of type {dt}, not a boolean condition; compare it \
+                             with something, e.g. {flag} \"action = 'deposit'\""
+                        )));
+                    }
+                    Some(
+                        ctx.create_physical_expr(expr, &projected)
+                            .map_err(|e| bad_predicate(flag, sql, e))?,
+                    )
+                }
+            });
+        }
+        let end_when = compiled.pop().flatten();
+        let start_when = compiled.pop().flatten();
+        Ok(Self {
+            schema,
+            start_when,
+            end_when,
+        })
+    }
+
+    /// Conforms a batch read from one file to the projected schema: columns in order, missing
+    /// ones (added to the table later) as nulls, types cast to the table's.
+    fn conform(&self, batch: &RecordBatch) -> Result<RecordBatch> {
+        let n = batch.num_rows();
+        let cols = self
+            .schema
+            .fields()
+            .iter()
+            .map(|f| match batch.column_by_name(f.name()) {
+                Some(c) if c.data_type() == f.data_type() => Ok(c.clone()),
+                Some(c) => cast(c, f.data_type()),
+                None => Ok(new_null_array(f.data_type(), n)),
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(RecordBatch::try_new_with_options(
+            self.schema.clone(),
+            cols,
+            &RecordBatchOptions::new().with_row_count(Some(n)),
+        )?)
+    }
+
+    fn markers(&self, batch: &RecordBatch) -> Result<Markers> {
+        let eval = |p: &Option<Arc<dyn PhysicalExpr>>| -> Result<Option<BooleanArray>> {
+            match p {
+                None => Ok(None),
+                Some(p) => {
+                    let v = p.evaluate(batch)?.into_array(batch.num_rows())?;
+                    Ok(Some(v.as_boolean().clone()))
+                }
+            }
+        };
+        Ok(Markers {
+            start: eval(&self.start_when)?,
+            end: eval(&self.end_when)?,
+        })
+    }
+}
+
+/// Predicates keep the case of column names (`eventType` stays `eventType`).
+fn predicate_context() -> SessionContext {
+    let config =
+        SessionConfig::new().set_bool("datafusion.sql_parser.enable_ident_normalization", false);
+    SessionContext::new_with_config(config)
+}
+
+fn bad_predicate(flag: &str, sql: &str, e: impl std::fmt::Display) -> Error {
+    Error::usage(format!(
+        "{flag} `{sql}` is not a valid SQL condition over the events' columns: {e}. Quote \
+         string values with single quotes, e.g. {flag} \"action = 'deposit'\""
+    ))
+}
+
 /// Reads the listed versions' files as normalized event batches.
 ///
-/// Files are read concurrently but returned in (version, file) order; only the columns the
-/// run uses are decoded. Partition columns come from the add action's partition values.
+/// Files are read concurrently but returned in (version, file) order; only the projected
+/// columns are decoded. Partition columns come from the add action's partition values.
 pub async fn read_events(
     store: Arc<dyn ObjectStore>,
     versions: &[VersionFiles],
     spec: &EventSpec,
-    table_schema: &Schema,
+    plan: &ReadPlan,
 ) -> Result<Vec<RecordBatch>> {
-    let wanted = spec.source_columns();
     let jobs: Vec<(u64, i32, DataFile)> = versions
         .iter()
         .flat_map(|v| {
@@ -226,8 +363,7 @@ pub async fn read_events(
     let results: Vec<Vec<RecordBatch>> =
         futures::stream::iter(jobs.into_iter().map(|(v, i, f)| {
             let store = store.clone();
-            let wanted = wanted.clone();
-            async move { read_file(store, v, i, &f, spec, table_schema, &wanted).await }
+            async move { read_file(store, v, i, &f, spec, plan).await }
         }))
         .buffered(parallel)
         .try_collect()
@@ -241,8 +377,7 @@ async fn read_file(
     file_idx: i32,
     file: &DataFile,
     spec: &EventSpec,
-    table_schema: &Schema,
-    wanted: &[String],
+    plan: &ReadPlan,
 ) -> Result<Vec<RecordBatch>> {
     let path = Path::from_url_path(&file.path).map_err(|e| {
         Error::Source(format!(
@@ -252,18 +387,22 @@ async fn read_file(
     })?;
     #[allow(deprecated)]
     let reader = ParquetObjectReader::new(store, path).with_file_size(file.size);
-    let builder = ParquetRecordBatchStreamBuilder::new(reader).await.map_err(|e| {
-        Error::Source(format!(
-            "cannot read data file `{}` added in events version {version}: {e}. If the table was \
-             vacuumed, that version can no longer be read; start a new checkpoint with a later \
-             --starting-version",
-            file.path
-        ))
-    })?;
+    let builder = ParquetRecordBatchStreamBuilder::new(reader)
+        .await
+        .map_err(|e| {
+            Error::Source(format!(
+                "cannot read data file `{}` added in events version {version}: {e}. If the table \
+                 was vacuumed, that version can no longer be read; start a new checkpoint with a \
+                 later --starting-version",
+                file.path
+            ))
+        })?;
     let file_schema = builder.schema().clone();
-    let roots: Vec<usize> = wanted
+    let roots: Vec<usize> = plan
+        .schema
+        .fields()
         .iter()
-        .filter_map(|c| file_schema.index_of(c).ok())
+        .filter_map(|f| file_schema.index_of(f.name()).ok())
         .collect();
     let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
     let mut stream = builder
@@ -273,46 +412,53 @@ async fn read_file(
     let mut out = Vec::new();
     let mut row = 0i64;
     while let Some(batch) = stream.next().await {
-        let batch = with_partition_columns(batch?, file, wanted, table_schema)?;
+        let batch = with_partition_columns(batch?, file, &plan.schema)?;
+        let batch = plan.conform(&batch)?;
         let n = batch.num_rows() as i64;
+        let markers = plan.markers(&batch)?;
         out.push(normalize(
             spec,
             &batch,
             version as i64,
             file_idx,
             row,
-            None,
+            markers,
         )?);
         row += n;
     }
     Ok(out)
 }
 
-/// Adds the wanted columns that live in the file's partition values rather than in the file.
+/// Adds the projected columns that live in the file's partition values rather than in the file.
 fn with_partition_columns(
     batch: RecordBatch,
     file: &DataFile,
-    wanted: &[String],
-    table_schema: &Schema,
+    projected: &Schema,
 ) -> Result<RecordBatch> {
-    let missing: Vec<&String> = wanted
+    let missing: Vec<&Field> = projected
+        .fields()
         .iter()
-        .filter(|c| batch.column_by_name(c).is_none() && file.partition_values.contains_key(*c))
+        .map(|f| f.as_ref())
+        .filter(|f| {
+            batch.column_by_name(f.name()).is_none() && file.partition_values.contains_key(f.name())
+        })
         .collect();
     if missing.is_empty() {
         return Ok(batch);
     }
-    let mut fields: Vec<Arc<arrow::datatypes::Field>> =
-        batch.schema().fields().iter().cloned().collect();
+    let mut fields: Vec<Arc<Field>> = batch.schema().fields().iter().cloned().collect();
     let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
-    for c in missing {
-        let field = table_schema.field_with_name(c)?;
-        let value = file.partition_values[c].clone();
+    for f in missing {
+        let value = file.partition_values[f.name()].clone();
         let strings: ArrayRef = Arc::new(StringArray::from(vec![value; batch.num_rows()]));
-        cols.push(cast(&strings, field.data_type())?);
-        fields.push(Arc::new(field.clone().with_nullable(true)));
+        cols.push(cast(&strings, f.data_type())?);
+        fields.push(Arc::new(f.clone()));
     }
-    Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?)
+    Ok(RecordBatch::try_new_with_options(
+        Arc::new(Schema::new(fields)),
+        cols,
+        &RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
+    )?)
 }
 
 /// Number of rows across batches.

@@ -6,6 +6,7 @@ use std::io::Write;
 use chrono::{Duration, Timelike, Utc};
 
 use crate::cli::{DemoArgs, SessionizeArgs, TableArgs, TableChoice};
+use crate::commands::scenarios::Scenario;
 use crate::commands::{generate_rows, read_tables, sessionize};
 use crate::config::{Collect, Dur, OnChangeCommit, OutputFormat, TableLocation};
 use crate::error::Result;
@@ -35,6 +36,11 @@ pub fn demo_sessionize_args(base: &TableLocation) -> SessionizeArgs {
         watermark_delay: DEMO_DELAY,
         collect: Collect::Auto,
         sum: vec![],
+        mode: crate::config::Mode::Sessions,
+        end_when: None,
+        start_when: None,
+        max_duration: None,
+        pair_timeout: Dur::from_minutes(60),
         flush: false,
         output: OutputFormat::Text,
         on_change_commit: OnChangeCommit::Fail,
@@ -58,9 +64,100 @@ fn reset(base: &TableLocation) -> Result<()> {
     Ok(())
 }
 
+/// Parses `sessionize` flags as the command line would.
+fn sessionize_args(base: &TableLocation, flags: &[&str]) -> Result<SessionizeArgs> {
+    use clap::Parser;
+    let base = base.to_string();
+    let argv = ["sessionizer", "sessionize", "--base-dir", base.as_str()]
+        .into_iter()
+        .chain(flags.iter().copied());
+    match crate::cli::Cli::try_parse_from(argv) {
+        Ok(crate::cli::Cli {
+            command: crate::cli::Command::Sessionize(a),
+            ..
+        }) => Ok(a),
+        Ok(_) => unreachable!("parsed as sessionize"),
+        Err(e) => Err(crate::error::Error::usage(e.to_string())),
+    }
+}
+
+/// One reference job's scenario: two windows of data, a run after each, then a flush.
+async fn scenario_demo(
+    base: &TableLocation,
+    scenario: Scenario,
+    out: &mut dyn Write,
+) -> Result<()> {
+    let tables = table_args(base);
+    let resolved = tables.resolve();
+    let flags = scenario.sessionize_flags();
+    let t0 = Utc::now()
+        .with_nanosecond(0)
+        .expect("zero nanoseconds is valid");
+    writeln!(
+        out,
+        "sessionizer demo --scenario {}: sessionize {}",
+        scenario.name(),
+        flags
+            .iter()
+            .map(|f| if f.contains(' ') {
+                format!("\"{f}\"")
+            } else {
+                f.to_string()
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    )?;
+    for (n, offset) in [(1u32, 0i64), (2, 20)] {
+        writeln!(
+            out,
+            "\n=== step {n}: a window of {} events {offset} minutes after the start, then sessionize",
+            scenario.name()
+        )?;
+        let gen_args = crate::cli::GenerateArgs {
+            tables: tables.clone(),
+            closing: false,
+            users: None,
+            per_user: None,
+            at: Some((t0 + Duration::minutes(offset)).to_rfc3339()),
+            seed: 42,
+            scenario: Some(scenario),
+        };
+        generate_rows::command(&gen_args, out).await?;
+        sessionize::command(&sessionize_args(base, flags)?, out).await?;
+        read_tables::show(&resolved, TableChoice::Sessions, 30, out).await?;
+        read_tables::show(&resolved, TableChoice::Live, 30, out).await?;
+    }
+    writeln!(
+        out,
+        "\n=== step 3: sessionize --flush closes what is still open (end of a backfill or a day)"
+    )?;
+    sessionize::command(
+        &sessionize_args(base, &[flags, &["--flush"]].concat())?,
+        out,
+    )
+    .await?;
+    read_tables::show(&resolved, TableChoice::Sessions, 50, out).await?;
+    if scenario != Scenario::Pairs {
+        writeln!(
+            out,
+            "\nThe average session duration is one query away:\n$ sessionizer query \"SELECT count(*) AS sessions, avg(duration_ms) AS avg_duration_ms FROM sessions\""
+        )?;
+        let batches = crate::commands::query::query(
+            &resolved,
+            "SELECT count(*) AS sessions, avg(duration_ms) AS avg_duration_ms FROM sessions",
+        )
+        .await?;
+        read_tables::render(&batches, out)?;
+    }
+    Ok(())
+}
+
 pub async fn command(args: &DemoArgs, out: &mut dyn Write) -> Result<()> {
     let base = &args.base_dir;
     reset(base)?;
+    if let Some(scenario) = args.scenario {
+        return scenario_demo(base, scenario, out).await;
+    }
     let tables = table_args(base);
     let resolved = tables.resolve();
     let run_args = demo_sessionize_args(base);
@@ -89,6 +186,7 @@ pub async fn command(args: &DemoArgs, out: &mut dyn Write) -> Result<()> {
         per_user: None,
         at,
         seed: 42,
+        scenario: None,
     };
     generate_rows::command(&gen_args(Some(t0.to_rfc3339()), false), out).await?;
     read_tables::show(&resolved, TableChoice::Events, 20, out).await?;

@@ -124,8 +124,12 @@ async fn latest_event(loc: &TableLocation) -> Result<Option<(i64, i64)>> {
 
 /// Appends rows to the events table (created on first use) in one commit.
 pub async fn append(loc: &TableLocation, rows: &Rows) -> Result<i64> {
-    let batch = to_batch(rows)?;
-    let table = sink::open_or_create(loc, &demo_schema(), false, "--events").await?;
+    append_batch(loc, to_batch(rows)?).await
+}
+
+/// Appends one batch to a table (created with the batch's schema on first use) in one commit.
+pub async fn append_batch(loc: &TableLocation, batch: RecordBatch) -> Result<i64> {
+    let table = sink::open_or_create(loc, &batch.schema(), false, "--events").await?;
     let table = table
         .write(vec![batch])
         .with_save_mode(SaveMode::Append)
@@ -156,6 +160,21 @@ pub async fn rows_for(args: &GenerateArgs, loc: &TableLocation) -> Result<Rows> 
 
 pub async fn command(args: &GenerateArgs, out: &mut dyn Write) -> Result<()> {
     let loc = args.tables.resolve().events;
+    if let Some(scenario) = args.scenario {
+        let at = match &args.at {
+            Some(s) => parse_time(s)?,
+            None => Utc::now(),
+        };
+        let batch = scenario.rows(at.timestamp_micros(), args.seed);
+        let n = batch.num_rows();
+        let version = append_batch(&loc, batch).await?;
+        writeln!(
+            out,
+            "generate-rows: appended {n} {} rows to {loc} as version {version}",
+            scenario.name()
+        )?;
+        return Ok(());
+    }
     let rows = rows_for(args, &loc).await?;
     let version = append(&loc, &rows).await?;
     writeln!(

@@ -2,6 +2,8 @@
 
 pub mod demo;
 pub mod generate_rows;
+pub mod query;
 pub mod read_tables;
+pub mod scenarios;
 pub mod sessionize;
 pub mod status;

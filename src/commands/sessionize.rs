@@ -13,12 +13,12 @@ use serde::Serialize;
 
 use crate::checkpoint::{Checkpoint, Identity, Plan, Progress};
 use crate::cli::SessionizeArgs;
-use crate::config::{Collect, OutputFormat, Settings, split_list};
+use crate::config::{Collect, Mode, OutputFormat, Settings, split_list};
 use crate::engine::{
     Engine, EventSpec, SessionRules, live_schema, rejected_schema, sessions_schema,
 };
 use crate::error::{Error, Result};
-use crate::source::{self, BatchLimits, VersionFiles};
+use crate::source::{self, BatchLimits, ReadPlan, VersionFiles};
 use crate::{failpoint, sink};
 
 /// The run summary: what SPEC.md lists, plus the number of batches.
@@ -88,6 +88,11 @@ impl SessionizeArgs {
             watermark_delay: self.watermark_delay,
             collect: self.collect.clone(),
             sums: self.sum.iter().flat_map(|s| split_list(s)).collect(),
+            mode: self.mode,
+            start_when: self.start_when.clone(),
+            end_when: self.end_when.clone(),
+            max_duration: self.max_duration,
+            pair_timeout: self.pair_timeout,
             flush: self.flush,
             output: self.output,
             on_change_commit: self.on_change_commit,
@@ -110,6 +115,23 @@ pub async fn command(args: &SessionizeArgs, out: &mut dyn Write) -> Result<()> {
     Ok(())
 }
 
+/// The rule settings a checkpoint is bound to, as one comparable string.
+fn rules_fingerprint(s: &Settings) -> String {
+    match s.mode {
+        Mode::Sessions => format!(
+            "sessions; end-when: {}; max-duration: {}",
+            s.end_when.as_deref().unwrap_or("-"),
+            s.max_duration.map_or("-".into(), |d| d.to_string())
+        ),
+        Mode::Pairs => format!(
+            "pairs; start-when: {}; end-when: {}; pair-timeout: {}",
+            s.start_when.as_deref().unwrap_or("-"),
+            s.end_when.as_deref().unwrap_or("-"),
+            s.pair_timeout
+        ),
+    }
+}
+
 /// One available-now run.
 pub async fn run(settings: &Settings) -> Result<RunSummary> {
     let started = Instant::now();
@@ -121,19 +143,33 @@ pub async fn run(settings: &Settings) -> Result<RunSummary> {
         Collect::Auto | Collect::None => vec![],
         Collect::Columns(c) => c.clone(),
     };
+    let pairs = settings.mode == Mode::Pairs;
+    let (collect, sums) = if pairs {
+        (vec![], vec![])
+    } else {
+        (collect, settings.sums.clone())
+    };
     let spec = EventSpec::resolve(
         &schema,
         &settings.keys,
         &settings.time_column,
         &collect,
-        &settings.sums,
+        &sums,
+    )?
+    .with_pairs(pairs);
+    let read_plan = ReadPlan::new(
+        &spec,
+        &schema,
+        settings.start_when.as_deref(),
+        settings.end_when.as_deref(),
     )?;
     let engine = Engine::new(
         spec.clone(),
         SessionRules {
             gap_us: settings.gap.as_micros(),
             delay_us: settings.watermark_delay.as_micros(),
-            max_duration_us: None,
+            max_duration_us: settings.max_duration.map(|d| d.as_micros()),
+            pair_timeout_us: settings.pair_timeout.as_micros(),
         },
     );
     let wanted = Identity {
@@ -146,7 +182,8 @@ pub async fn run(settings: &Settings) -> Result<RunSummary> {
         gap: settings.gap.to_string(),
         watermark_delay: settings.watermark_delay.to_string(),
         collect,
-        sums: settings.sums.clone(),
+        sums,
+        rules: rules_fingerprint(settings),
         created_at: Utc::now().to_rfc3339(),
     };
     let cp = Checkpoint::open(&t.checkpoint, true)?;
@@ -165,7 +202,7 @@ pub async fn run(settings: &Settings) -> Result<RunSummary> {
                 cp.identity().await?.unwrap_or(wanted)
             }
         };
-        run_locked(settings, &engine, &events, &schema, &cp, &identity).await
+        run_locked(settings, &engine, &events, &read_plan, &cp, &identity).await
     }
     .await;
     let released = lock.release().await;
@@ -179,7 +216,7 @@ async fn run_locked(
     settings: &Settings,
     engine: &Engine,
     events: &deltalake::DeltaTable,
-    schema: &arrow::datatypes::Schema,
+    read_plan: &ReadPlan,
     cp: &Checkpoint,
     identity: &Identity,
 ) -> Result<RunSummary> {
@@ -279,7 +316,7 @@ async fn run_locked(
             }
         }
 
-        let batches = source::read_events(events.object_store(), &vfs, spec, schema).await?;
+        let batches = source::read_events(events.object_store(), &vfs, spec, read_plan).await?;
         failpoint::hit("after-read");
         let out = engine.step(&pending, &batches, progress.watermark_us, plan.flush)?;
 

@@ -16,7 +16,7 @@ use arrow::compute::{cast, kernels::numeric::mul};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::error::ArrowError;
 
-use super::{END_COL, FILE_COL, ROW_COL, TIME_COL, VERSION_COL, field, schema_of};
+use super::{END_COL, FILE_COL, ROW_COL, START_COL, TIME_COL, VERSION_COL, field, schema_of};
 
 /// How the time column is stored in the events table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +36,15 @@ pub struct EventSpec {
     pub time_kind: TimeKind,
     pub collect: Vec<(String, DataType)>,
     pub sums: Vec<String>,
+    /// Pairing mode (`--mode pairs`): sessions are start/end pairs, not gap runs.
+    pub pairs: bool,
+}
+
+/// The evaluated `--start-when` / `--end-when` predicates of one raw batch.
+#[derive(Debug, Clone, Default)]
+pub struct Markers {
+    pub start: Option<BooleanArray>,
+    pub end: Option<BooleanArray>,
 }
 
 /// A problem with the events schema for the chosen flags. Messages name the column and the fix.
@@ -92,7 +101,7 @@ impl EventSpec {
                 .join(", ")
         };
         let lookup = |name: &str, role: &'static str, flag: &'static str| {
-            if name.starts_with("_src_") || name == TIME_COL || name == END_COL {
+            if name.starts_with("_src_") || [TIME_COL, END_COL, START_COL].contains(&name) {
                 return Err(SpecError::ReservedName {
                     column: name.to_string(),
                 });
@@ -151,7 +160,24 @@ impl EventSpec {
             time_kind,
             collect: collect_cols,
             sums: sums.to_vec(),
+            pairs: false,
         })
+    }
+
+    /// The same columns, in pairing mode.
+    pub fn with_pairs(mut self, pairs: bool) -> Self {
+        self.pairs = pairs;
+        self
+    }
+
+    /// The name of the generated session id column: `session_id`, unless a key column already
+    /// has that name (the wallet job keys on its own `session_id`), then `session_uid`.
+    pub fn id_column(&self) -> &'static str {
+        if self.key_columns.iter().any(|k| k == "session_id") {
+            "session_uid"
+        } else {
+            "session_id"
+        }
     }
 
     /// The engine's event layout, which is also the pending-state table's schema.
@@ -166,6 +192,7 @@ impl EventSpec {
         fields.push(field(VERSION_COL, DataType::Int64, false));
         fields.push(field(FILE_COL, DataType::Int32, false));
         fields.push(field(ROW_COL, DataType::Int64, false));
+        fields.push(field(START_COL, DataType::Boolean, true));
         fields.push(field(END_COL, DataType::Boolean, true));
         for (c, t) in &self.collect {
             fields.push(field(c, t.clone(), true));
@@ -204,15 +231,16 @@ pub fn sum_input_name(col: &str) -> String {
 ///
 /// `version`, `file` and `first_row` are the tie-break coordinates of SPEC rule 10: the commit
 /// that added the file, the file's ordinal among that commit's files sorted by path, and the
-/// position of the batch's first row in the file. `end_marker` is the evaluated `--end-when`
-/// predicate, if any. Columns absent from the batch (added to the table later) read as null.
+/// position of the batch's first row in the file. `markers` are the evaluated `--start-when` and
+/// `--end-when` predicates (null counts as false). Columns absent from the batch (added to the
+/// table later) read as null.
 pub fn normalize(
     spec: &EventSpec,
     raw: &RecordBatch,
     version: i64,
     file: i32,
     first_row: i64,
-    end_marker: Option<BooleanArray>,
+    markers: Markers,
 ) -> Result<RecordBatch, ArrowError> {
     let n = raw.num_rows();
     let schema = spec.normalized_schema();
@@ -246,9 +274,15 @@ pub fn normalize(
     cols.push(Arc::new(Int64Array::from_iter_values(
         first_row..first_row + n as i64,
     )));
-    cols.push(Arc::new(
-        end_marker.unwrap_or_else(|| BooleanArray::from(vec![false; n])),
-    ));
+    let flag = |m: Option<BooleanArray>| -> ArrayRef {
+        Arc::new(match m {
+            Some(m) if m.null_count() > 0 => arrow::compute::prep_null_mask_filter(&m),
+            Some(m) => m,
+            None => BooleanArray::from(vec![false; n]),
+        })
+    };
+    cols.push(flag(markers.start));
+    cols.push(flag(markers.end));
     for (c, t) in &spec.collect {
         cols.push(get(c, t)?);
     }

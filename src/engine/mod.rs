@@ -17,10 +17,12 @@
 
 mod input;
 mod output;
+mod pairs;
 mod rules;
 
-pub use input::{EventSpec, SpecError, TimeKind, normalize, sum_input_name};
+pub use input::{EventSpec, Markers, SpecError, TimeKind, normalize, sum_input_name};
 pub use output::{live_schema, rejected_schema, session_id, sessions_schema};
+pub use pairs::PairStatus;
 pub use rules::{CloseReason, SessionRules, SessionSpan};
 
 use std::sync::Arc;
@@ -40,6 +42,7 @@ pub const VERSION_COL: &str = "_src_version";
 pub const FILE_COL: &str = "_src_file";
 pub const ROW_COL: &str = "_src_row";
 pub const END_COL: &str = "_end_marker";
+pub const START_COL: &str = "_start_marker";
 
 /// Why a row was not folded into any session.
 pub const REASON_LATE: &str = "late";
@@ -129,7 +132,16 @@ impl Engine {
         };
 
         // 3. Pending events plus good new events, sorted by key then time then tie-breaks.
-        let good = filter_record_batch(&events, &good_mask)?;
+        //    In pairing mode, events that are neither a start nor an end play no part.
+        let mut keep = good_mask;
+        if self.spec.pairs {
+            let marked = or(
+                flag_column(&events, START_COL),
+                flag_column(&events, END_COL),
+            )?;
+            keep = arrow::compute::and(&keep, &marked)?;
+        }
+        let good = filter_record_batch(&events, &keep)?;
         let pending_rows = pending.num_rows();
         let all = concat_batches(&schema, [&pending, &good])?;
         let sorted_idx = self.sort_indices(&all)?;
@@ -140,8 +152,6 @@ impl Engine {
             .iter()
             .map(|&i| (i as usize) >= pending_rows)
             .collect();
-
-        // 4. Per key, cut sessions and decide which close.
         let key_cols: Vec<ArrayRef> = self
             .spec
             .key_columns
@@ -153,8 +163,39 @@ impl Engine {
         } else {
             arrow::compute::partition(&key_cols)?.ranges()
         };
-        let times = time_column(&sorted);
-        let ends = end_column(&sorted);
+
+        // 4. Per key, cut sessions (or pairs) and decide which close.
+        let cut = if self.spec.pairs {
+            self.cut_pairs(&sorted, &ranges, &is_new, new_watermark, flush)?
+        } else {
+            self.cut_sessions(&sorted, &ranges, &is_new, new_watermark, flush)?
+        };
+        metrics.sessions_closed = cut.closed.num_rows() as u64;
+        metrics.sessions_pending = cut.open_count;
+        let pending_out =
+            take_record_batch(&sorted, &arrow::array::UInt32Array::from(cut.pending_rows))?;
+
+        Ok(StepOutput {
+            closed: cut.closed,
+            pending: pending_out,
+            live: cut.live,
+            rejected,
+            watermark: new_watermark,
+            metrics,
+        })
+    }
+
+    /// Gap sessions (rules 1, 3, 7, 8, 9) over each key's sorted events.
+    fn cut_sessions(
+        &self,
+        sorted: &RecordBatch,
+        ranges: &[std::ops::Range<usize>],
+        is_new: &[bool],
+        watermark: Option<i64>,
+        flush: bool,
+    ) -> Result<Cut, ArrowError> {
+        let times = time_column(sorted);
+        let ends = flag_column(sorted, END_COL);
         let mut closed: Vec<SessionSpan> = Vec::new();
         let mut open: Vec<SessionSpan> = Vec::new();
         let mut live: Vec<(SessionSpan, bool)> = Vec::new();
@@ -163,56 +204,81 @@ impl Engine {
             let touched = is_new[range.clone()].iter().any(|&b| b);
             let mut any_closed = false;
             let last = spans.len() - 1;
-            for (i, span) in spans.iter().enumerate() {
-                match self
+            for (i, span) in spans.into_iter().enumerate() {
+                let reason = self
                     .rules
-                    .close_reason(span, times.values(), new_watermark, flush)
-                {
-                    Some(reason) => {
-                        any_closed = true;
-                        closed.push(SessionSpan {
-                            reason: Some(reason),
-                            ..span.clone()
-                        });
-                        if i == last {
-                            live.push((
-                                SessionSpan {
-                                    reason: Some(reason),
-                                    ..span.clone()
-                                },
-                                false,
-                            ));
-                        }
-                    }
-                    None => {
-                        open.push(span.clone());
-                        if i == last && (touched || any_closed) {
-                            live.push((span.clone(), true));
-                        }
-                    }
+                    .close_reason(&span, times.values(), watermark, flush);
+                let span = SessionSpan { reason, ..span };
+                let is_closed = reason.is_some();
+                any_closed |= is_closed;
+                if i == last && (touched || any_closed) {
+                    live.push((span.clone(), !is_closed));
+                }
+                if is_closed {
+                    closed.push(span);
+                } else {
+                    open.push(span);
                 }
             }
         }
-        metrics.sessions_closed = closed.len() as u64;
-        metrics.sessions_pending = open.len() as u64;
+        Ok(Cut {
+            closed: output::closed_sessions(&self.spec, sorted, &closed)?,
+            live: output::live_rows(&self.spec, sorted, &live)?,
+            pending_rows: open
+                .iter()
+                .flat_map(|s| (s.start as u32)..(s.end as u32))
+                .collect(),
+            open_count: open.len() as u64,
+        })
+    }
 
-        // 5. Gather the outputs column by column.
-        let closed_batch = output::closed_sessions(&self.spec, &sorted, &closed)?;
-        let live_batch = output::live_rows(&self.spec, &sorted, &live)?;
-        let pending_idx: Vec<u32> = open
-            .iter()
-            .flat_map(|s| (s.start as u32)..(s.end as u32))
-            .collect();
-        let pending_out =
-            take_record_batch(&sorted, &arrow::array::UInt32Array::from(pending_idx))?;
-
-        Ok(StepOutput {
-            closed: closed_batch,
-            pending: pending_out,
-            live: live_batch,
-            rejected,
-            watermark: new_watermark,
-            metrics,
+    /// Start/end pairs (SPEC "Pairing mode") over each key's sorted start and end events.
+    fn cut_pairs(
+        &self,
+        sorted: &RecordBatch,
+        ranges: &[std::ops::Range<usize>],
+        is_new: &[bool],
+        watermark: Option<i64>,
+        flush: bool,
+    ) -> Result<Cut, ArrowError> {
+        let times = time_column(sorted).values();
+        let starts = flag_column(sorted, START_COL);
+        let ends = flag_column(sorted, END_COL);
+        let mut closed = Vec::new();
+        let mut live = Vec::new();
+        let mut pending_rows = Vec::new();
+        let mut open_count = 0u64;
+        for range in ranges {
+            let rows = pairs::walk(
+                times,
+                starts,
+                ends,
+                range.clone(),
+                self.rules.pair_timeout_us,
+            );
+            let touched = is_new[range.clone()].iter().any(|&b| b);
+            let mut any_closed = false;
+            let last = rows.len().saturating_sub(1);
+            for (i, row) in rows.into_iter().enumerate() {
+                let done = pairs::emitted(&row, watermark, flush);
+                any_closed |= done;
+                if i == last && (touched || any_closed) {
+                    live.push((row.clone(), done));
+                }
+                if done {
+                    closed.push(row);
+                } else {
+                    open_count += 1;
+                    pending_rows.extend(row.start.iter().chain(row.end.iter()).map(|&r| r as u32));
+                }
+            }
+        }
+        pending_rows.sort_unstable();
+        Ok(Cut {
+            closed: pairs::closed_pairs(&self.spec, sorted, times, &closed)?,
+            live: pairs::live_pairs(&self.spec, sorted, times, &live)?,
+            pending_rows,
+            open_count,
         })
     }
 
@@ -287,11 +353,21 @@ fn time_column(batch: &RecordBatch) -> &Int64Array {
         .expect("normalized time column is Int64")
 }
 
-fn end_column(batch: &RecordBatch) -> &BooleanArray {
+fn flag_column<'a>(batch: &'a RecordBatch, name: &str) -> &'a BooleanArray {
     batch
-        .column_by_name(END_COL)
+        .column_by_name(name)
         .and_then(|c| c.as_any().downcast_ref::<BooleanArray>())
-        .expect("normalized end-marker column is Boolean")
+        .expect("normalized marker columns are Boolean")
+}
+
+/// What cutting one step's sorted events produced.
+struct Cut {
+    closed: RecordBatch,
+    live: RecordBatch,
+    /// Rows of the sorted batch that stay pending.
+    pending_rows: Vec<u32>,
+    /// Sessions (or pairs) still open.
+    open_count: u64,
 }
 
 /// The schema of the pending-state table: the normalized event schema.

@@ -20,7 +20,7 @@ use super::input::{EventSpec, sum_input_name};
 use super::rules::SessionSpan;
 use super::{TIME_COL, field, schema_of};
 
-fn ts_type() -> DataType {
+pub(super) fn ts_type() -> DataType {
     DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
 }
 
@@ -42,7 +42,7 @@ fn pages_type(spec: &EventSpec) -> DataType {
     )))
 }
 
-fn key_fields(spec: &EventSpec) -> Vec<Arc<Field>> {
+pub(super) fn key_fields(spec: &EventSpec) -> Vec<Arc<Field>> {
     spec.key_columns
         .iter()
         .zip(&spec.key_types)
@@ -52,7 +52,10 @@ fn key_fields(spec: &EventSpec) -> Vec<Arc<Field>> {
 
 /// The sessions table: one row per closed session.
 pub fn sessions_schema(spec: &EventSpec) -> SchemaRef {
-    let mut fs = vec![field("session_id", DataType::Utf8, true)];
+    if spec.pairs {
+        return super::pairs::pairs_schema(spec);
+    }
+    let mut fs = vec![field(spec.id_column(), DataType::Utf8, true)];
     fs.extend(key_fields(spec));
     fs.push(field("start_time", ts_type(), true));
     fs.push(field("end_time", ts_type(), true));
@@ -70,8 +73,11 @@ pub fn sessions_schema(spec: &EventSpec) -> SchemaRef {
 
 /// The live table: one row per key, its current session.
 pub fn live_schema(spec: &EventSpec) -> SchemaRef {
+    if spec.pairs {
+        return super::pairs::pairs_live_schema(spec);
+    }
     let mut fs = key_fields(spec);
-    fs.push(field("session_id", DataType::Utf8, true));
+    fs.push(field(spec.id_column(), DataType::Utf8, true));
     fs.push(field("start_time", ts_type(), true));
     fs.push(field("end_time", ts_type(), true));
     fs.push(field("event_count", DataType::Int64, true));
@@ -95,11 +101,18 @@ pub fn rejected_schema(spec: &EventSpec) -> SchemaRef {
 /// UTF-8), so the id does not depend on Arrow's internal row format and stays stable across
 /// releases: the same session always gets the same id, run after run and replay after replay.
 pub fn session_id(keys: &[ArrayRef], row: usize, start_us: i64) -> String {
+    hash_id(keys, row, &[start_us])
+}
+
+/// The hash behind [`session_id`]: key values of `row`, then `instants` (microseconds).
+pub(super) fn hash_id(keys: &[ArrayRef], row: usize, instants: &[i64]) -> String {
     let mut buf: Vec<u8> = Vec::with_capacity(32);
     for k in keys {
         encode_key(k.as_ref(), row, &mut buf);
     }
-    buf.extend_from_slice(&start_us.to_le_bytes());
+    for t in instants {
+        buf.extend_from_slice(&t.to_le_bytes());
+    }
     format!("{:032x}", twox_hash::XxHash3_128::oneshot(&buf))
 }
 

@@ -54,6 +54,8 @@ pub struct SessionRules {
     pub gap_us: i64,
     pub delay_us: i64,
     pub max_duration_us: Option<i64>,
+    /// Pairing mode: an open start with no end by `start + timeout` is `missing_end`.
+    pub pair_timeout_us: i64,
 }
 
 impl SessionRules {

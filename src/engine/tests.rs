@@ -43,6 +43,7 @@ fn engine(gap_min: i64, delay_min: i64) -> Engine {
             gap_us: gap_min * MIN,
             delay_us: delay_min * MIN,
             max_duration_us: None,
+            pair_timeout_us: 0,
         },
     )
 }
@@ -63,12 +64,31 @@ fn events(version: i64, rows: &[(Option<i64>, Option<i64>, &str)]) -> RecordBatc
             Arc::new(Int32Array::from_value(0, n)),
             Arc::new(Int64Array::from_iter_values(0..n as i64)),
             Arc::new(BooleanArray::from(vec![false; n])),
+            Arc::new(BooleanArray::from(vec![false; n])),
             Arc::new(StringArray::from(
                 rows.iter().map(|r| r.2).collect::<Vec<_>>(),
             )),
         ],
     )
     .unwrap()
+}
+
+/// Like [`events`], with an end-marker flag per row: `(user, time_us, page, is_end)`.
+fn marked(version: i64, rows: &[(i64, i64, &str, bool)]) -> RecordBatch {
+    let plain: Vec<_> = rows.iter().map(|r| (Some(r.0), Some(r.1), r.2)).collect();
+    let b = events(version, &plain);
+    let mut cols = b.columns().to_vec();
+    let idx = b.schema().index_of(END_COL).unwrap();
+    cols[idx] = Arc::new(BooleanArray::from(
+        rows.iter().map(|r| r.3).collect::<Vec<_>>(),
+    ));
+    RecordBatch::try_new(b.schema(), cols).unwrap()
+}
+
+fn engine_with(gap_min: i64, delay_min: i64, max_min: Option<i64>) -> Engine {
+    let mut e = engine(gap_min, delay_min);
+    e.rules.max_duration_us = max_min.map(|m| m * MIN);
+    e
 }
 
 fn ev(version: i64, rows: &[(i64, i64)]) -> RecordBatch {
@@ -403,7 +423,7 @@ fn sums_add_up_per_session_and_ignore_nulls() {
         ],
     )
     .unwrap();
-    let norm = normalize(&spec, &raw, 3, 0, 0, None).unwrap();
+    let norm = normalize(&spec, &raw, 3, 0, 0, Markers::default()).unwrap();
     let t = norm
         .column_by_name(TIME_COL)
         .unwrap()
@@ -415,6 +435,7 @@ fn sums_add_up_per_session_and_ignore_nulls() {
             gap_us: MIN,
             delay_us: 0,
             max_duration_us: None,
+            pair_timeout_us: 0,
         },
     );
     let out = e.step(&norm, &[], None, true).unwrap();
@@ -454,22 +475,119 @@ fn resolve_names_the_missing_column_and_the_flag() {
     assert!(matches!(err, SpecError::BadTimeType { .. }), "{err}");
 }
 
+#[test]
+fn an_end_marker_ends_its_session_whatever_the_gap() {
+    let e = engine(30, 15);
+    let b = marked(
+        0,
+        &[
+            (1, 0, "a", false),
+            (1, MIN, "deposit", true),
+            (1, 2 * MIN, "c", false),
+        ],
+    );
+    let out = e.step(&empty(), &[b], None, true).unwrap();
+    let s = sessions(&out.closed);
+    assert_eq!(s.len(), 2, "{s:?}");
+    assert_eq!(
+        (s[0].1, s[0].2, s[0].3),
+        (0, MIN, 2),
+        "the marker is the session's last event"
+    );
+    assert_eq!(
+        (s[1].1, s[1].3),
+        (2 * MIN, 1),
+        "the next event starts a new session"
+    );
+    let mut r = reasons(&out.closed);
+    r.sort();
+    assert_eq!(r, vec!["end_marker", "flush"]);
+}
+
+#[test]
+fn with_no_watermark_delay_a_marked_session_closes_in_the_same_run() {
+    let e = engine(30, 0);
+    let b = marked(0, &[(1, 0, "a", false), (1, MIN, "deposit", true)]);
+    let out = e.step(&empty(), &[b], None, false).unwrap();
+    assert_eq!(reasons(&out.closed), vec!["end_marker"]);
+    assert_eq!(out.pending.num_rows(), 0);
+    // With a delay it waits for the watermark to reach the marker.
+    let e = engine(30, 5);
+    let b = marked(0, &[(1, 0, "a", false), (1, MIN, "deposit", true)]);
+    let out = e.step(&empty(), &[b], None, false).unwrap();
+    assert_eq!(out.closed.num_rows(), 0);
+}
+
+#[test]
+fn max_duration_splits_a_bot_into_sessions_no_longer_than_the_maximum() {
+    let e = engine_with(30, 15, Some(60));
+    // One event a minute for five hours.
+    let rows: Vec<(i64, i64)> = (0..300).map(|m| (1, m * MIN)).collect();
+    let out = e.step(&empty(), &[ev(0, &rows)], None, true).unwrap();
+    let s = sessions(&out.closed);
+    assert_eq!(
+        s.len(),
+        5,
+        "{:?}",
+        s.iter().map(|x| (x.1, x.2, x.3)).collect::<Vec<_>>()
+    );
+    assert!(
+        s.iter().all(|x| x.2 - x.1 < 60 * MIN),
+        "no session spans the maximum"
+    );
+    assert!(
+        s.iter().all(|x| x.3 == 60),
+        "every event is kept: nothing dropped"
+    );
+    let mut r = reasons(&out.closed);
+    r.sort();
+    assert_eq!(
+        r,
+        vec![
+            "flush",
+            "max_duration",
+            "max_duration",
+            "max_duration",
+            "max_duration"
+        ]
+    );
+}
+
+#[test]
+fn a_session_reaching_its_maximum_closes_on_the_watermark() {
+    let e = engine_with(30, 15, Some(60));
+    let rows: Vec<(i64, i64)> = (0..50).map(|m| (1, m * MIN)).collect();
+    let first = e.step(&empty(), &[ev(0, &rows)], None, false).unwrap();
+    assert_eq!(first.closed.num_rows(), 0);
+    // Another key moves the watermark to 60m = start + max: the session is over.
+    let second = e
+        .step(
+            &first.pending,
+            &[ev(1, &[(2, 75 * MIN)])],
+            first.watermark,
+            false,
+        )
+        .unwrap();
+    assert_eq!(reasons(&second.closed), vec!["max_duration"]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Property: incremental == batch == oracle.
 
-/// The naive oracle: per key, sort by (time, version, row) and cut where the gap is exceeded.
-fn oracle(rows: &[(i64, i64, i64, i64)], gap: i64) -> Vec<Sess> {
-    let mut by_key: BTreeMap<i64, Vec<(i64, i64, i64)>> = BTreeMap::new();
-    for &(k, t, v, r) in rows {
-        by_key.entry(k).or_default().push((t, v, r));
+/// The naive oracle: per key, sort by (time, version, row) and cut after an end marker, at
+/// `start + max`, or where the gap is exceeded. Rows are `(key, time, version, row, is_end)`.
+fn oracle(rows: &[(i64, i64, i64, i64, bool)], gap: i64, max: Option<i64>) -> Vec<Sess> {
+    let mut by_key: BTreeMap<i64, Vec<(i64, i64, i64, bool)>> = BTreeMap::new();
+    for &(k, t, v, r, end) in rows {
+        by_key.entry(k).or_default().push((t, v, r, end));
     }
     let mut out = Vec::new();
     for (k, mut evs) in by_key {
         evs.sort();
-        let mut cur: Vec<(i64, i64, i64)> = Vec::new();
+        let mut cur: Vec<(i64, i64, i64, bool)> = Vec::new();
         for e in evs {
-            if let Some(last) = cur.last()
-                && e.0 - last.0 > gap
+            if let (Some(first), Some(last)) = (cur.first(), cur.last())
+                && (last.3 || e.0 - last.0 > gap || max.is_some_and(|m| e.0 >= first.0 + m))
             {
                 out.push(to_sess(k, &cur));
                 cur.clear();
@@ -482,22 +600,22 @@ fn oracle(rows: &[(i64, i64, i64, i64)], gap: i64) -> Vec<Sess> {
     out
 }
 
-fn to_sess(k: i64, evs: &[(i64, i64, i64)]) -> Sess {
+fn to_sess(k: i64, evs: &[(i64, i64, i64, bool)]) -> Sess {
     let pages = evs
         .iter()
-        .map(|&(t, v, r)| (format!("v{v}r{r}"), t.div_euclid(1000)))
+        .map(|&(t, v, r, _)| (format!("v{v}r{r}"), t.div_euclid(1000)))
         .collect();
     (k, evs[0].0, evs[evs.len() - 1].0, evs.len() as i64, pages)
 }
 
-fn commit(version: i64, rows: &[(i64, i64)]) -> RecordBatch {
+fn commit(version: i64, rows: &[(i64, i64, bool)]) -> RecordBatch {
     let pages: Vec<String> = (0..rows.len()).map(|r| format!("v{version}r{r}")).collect();
     let rows: Vec<_> = rows
         .iter()
         .zip(&pages)
-        .map(|(&(k, t), p)| (Some(k), Some(t), p.as_str()))
+        .map(|(&(k, t, end), p)| (k, t, p.as_str(), end))
         .collect();
-    events(version, &rows)
+    marked(version, &rows)
 }
 
 proptest! {
@@ -505,8 +623,12 @@ proptest! {
 
     #[test]
     fn incremental_runs_then_flush_equal_one_batch_run(
-        // (key, base time in minutes) of each event; events are then jittered per commit.
-        raw in prop::collection::vec((0i64..4, 0i64..600, 0i64..60_000_000), 1..120),
+        // (key, base time in minutes, microseconds, end marker?) of each event.
+        raw in prop::collection::vec(
+            (0i64..4, 0i64..600, 0i64..60_000_000, prop::bool::weighted(0.1)),
+            1..120,
+        ),
+        max_min in prop::option::of(5i64..90),
         cuts in prop::collection::vec(0usize..120, 0..12),
         disorder in 0i64..14,
         gap_min in 1i64..40,
@@ -515,15 +637,16 @@ proptest! {
         let delay = 15i64;
         // Arrival order: sorted by time, then each event may be displaced backwards by less
         // than the watermark delay, so nothing is late.
-        let mut evs: Vec<(i64, i64)> = raw.iter().map(|&(k, m, us)| (k, m * MIN + us)).collect();
+        let mut evs: Vec<(i64, i64, bool)> =
+            raw.iter().map(|&(k, m, us, end)| (k, m * MIN + us, end)).collect();
         evs.sort_by_key(|e| e.1);
-        let mut arrival: Vec<(i64, (i64, i64))> = evs
+        let mut arrival: Vec<(i64, (i64, i64, bool))> = evs
             .iter()
             .enumerate()
-            .map(|(i, &(k, t))| (t - ((i as i64 * 7919) % (disorder + 1)) * MIN, (k, t)))
+            .map(|(i, &e)| (e.1 - ((i as i64 * 7919) % (disorder + 1)) * MIN, e))
             .collect();
         arrival.sort_by_key(|a| a.0);
-        let ordered: Vec<(i64, i64)> = arrival.into_iter().map(|a| a.1).collect();
+        let ordered: Vec<(i64, i64, bool)> = arrival.into_iter().map(|a| a.1).collect();
 
         // Split into commits at the random cut points.
         let mut bounds: Vec<usize> = cuts.into_iter().map(|c| c.min(ordered.len())).collect();
@@ -537,7 +660,7 @@ proptest! {
             .map(|(v, w)| commit(v as i64, &ordered[w[0]..w[1]]))
             .collect();
 
-        let e = engine(gap_min, delay);
+        let e = engine_with(gap_min, delay, max_min);
         // Incremental: a run every `runs_per_commit` commits, then a flush.
         let mut pending = empty();
         let mut wm = None;
@@ -561,10 +684,187 @@ proptest! {
         // Both equal the independent oracle.
         let mut flat = Vec::new();
         for (v, w) in bounds.windows(2).enumerate() {
-            for (r, &(k, t)) in ordered[w[0]..w[1]].iter().enumerate() {
-                flat.push((k, t, v as i64, r as i64));
+            for (r, &(k, t, end)) in ordered[w[0]..w[1]].iter().enumerate() {
+                flat.push((k, t, v as i64, r as i64, end));
             }
         }
-        prop_assert_eq!(&batch, &oracle(&flat, gap_min * MIN));
+        prop_assert_eq!(&batch, &oracle(&flat, gap_min * MIN, max_min.map(|m| m * MIN)));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pairing mode.
+
+fn pairs_engine(delay_min: i64, timeout_min: i64) -> Engine {
+    Engine::new(
+        spec().with_pairs(true),
+        SessionRules {
+            gap_us: MIN,
+            delay_us: delay_min * MIN,
+            max_duration_us: None,
+            pair_timeout_us: timeout_min * MIN,
+        },
+    )
+}
+
+/// `(user, time_us, kind)` rows where kind is 'S' (start), 'E' (end) or anything else.
+fn pair_events(version: i64, rows: &[(i64, i64, char)]) -> RecordBatch {
+    let plain: Vec<_> = rows.iter().map(|r| (Some(r.0), Some(r.1), "x")).collect();
+    let b = events(version, &plain);
+    let mut cols = b.columns().to_vec();
+    let s = b.schema().index_of(START_COL).unwrap();
+    let e = b.schema().index_of(END_COL).unwrap();
+    cols[s] = Arc::new(BooleanArray::from(
+        rows.iter().map(|r| r.2 == 'S').collect::<Vec<_>>(),
+    ));
+    cols[e] = Arc::new(BooleanArray::from(
+        rows.iter().map(|r| r.2 == 'E').collect::<Vec<_>>(),
+    ));
+    RecordBatch::try_new(b.schema(), cols).unwrap()
+}
+
+type PairOut = (i64, Option<i64>, Option<i64>, String);
+
+fn pair_rows(batch: &RecordBatch) -> Vec<PairOut> {
+    let users = batch
+        .column_by_name("user_id")
+        .unwrap()
+        .as_primitive::<Int64Type>();
+    let ts = |n: &str| {
+        batch
+            .column_by_name(n)
+            .unwrap()
+            .as_primitive::<TimestampMicrosecondType>()
+            .clone()
+    };
+    let (start, end) = (ts("start_time"), ts("end_time"));
+    let status = batch.column_by_name("status").unwrap().as_string::<i32>();
+    let mut out: Vec<PairOut> = (0..batch.num_rows())
+        .map(|i| {
+            (
+                users.value(i),
+                start.is_valid(i).then(|| start.value(i)),
+                end.is_valid(i).then(|| end.value(i)),
+                status.value(i).to_string(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn a_pair_started_in_one_run_completes_in_a_later_one() {
+    let e = pairs_engine(5, 60);
+    let first = e
+        .step(
+            &empty(),
+            &[pair_events(0, &[(1, 0, 'S'), (1, MIN, 'x'), (2, MIN, 'E')])],
+            None,
+            false,
+        )
+        .unwrap();
+    assert_eq!(
+        first.closed.num_rows(),
+        0,
+        "nothing decided before the watermark reaches it"
+    );
+    assert_eq!(first.pending.num_rows(), 2, "the page view is not kept");
+    let second = e
+        .step(
+            &first.pending,
+            &[pair_events(1, &[(1, 20 * MIN, 'E')])],
+            first.watermark,
+            false,
+        )
+        .unwrap();
+    assert_eq!(
+        pair_rows(&second.closed),
+        vec![(2, None, Some(MIN), "missing_start".into())],
+        "the watermark (15m) reached user 2's end, not yet user 1's"
+    );
+    let third = e
+        .step(
+            &second.pending,
+            &[pair_events(2, &[(3, 30 * MIN, 'x')])],
+            second.watermark,
+            false,
+        )
+        .unwrap();
+    assert_eq!(
+        pair_rows(&third.closed),
+        vec![(1, Some(0), Some(20 * MIN), "complete".into())]
+    );
+    let status = third
+        .live
+        .column_by_name("pair_status")
+        .unwrap()
+        .as_string::<i32>();
+    assert_eq!(status.value(0), "complete");
+}
+
+#[test]
+fn an_open_start_times_out_on_the_watermark() {
+    let e = pairs_engine(0, 60);
+    let first = e
+        .step(&empty(), &[pair_events(0, &[(1, 0, 'S')])], None, false)
+        .unwrap();
+    assert_eq!(first.closed.num_rows(), 0);
+    let second = e
+        .step(
+            &first.pending,
+            &[pair_events(1, &[(2, 60 * MIN, 'x')])],
+            first.watermark,
+            false,
+        )
+        .unwrap();
+    assert_eq!(
+        pair_rows(&second.closed),
+        vec![(1, Some(0), None, "missing_end".into())]
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn pairs_incremental_then_flush_equal_one_batch_run(
+        raw in prop::collection::vec((0i64..3, 0i64..300, prop::sample::select(vec!['S', 'E', 'x'])), 1..80),
+        cuts in prop::collection::vec(0usize..80, 0..8),
+        disorder in 0i64..9,
+    ) {
+        // A timeout longer than the whole history: rows are decided by events alone.
+        let e = pairs_engine(10, 100_000);
+        let mut evs: Vec<(i64, i64, char)> = raw.iter().map(|&(k, m, c)| (k, m * MIN + k, c)).collect();
+        evs.sort_by_key(|e| e.1);
+        let mut arrival: Vec<(i64, (i64, i64, char))> = evs
+            .iter()
+            .enumerate()
+            .map(|(i, &ev)| (ev.1 - ((i as i64 * 31) % (disorder + 1)) * MIN, ev))
+            .collect();
+        arrival.sort_by_key(|a| a.0);
+        let ordered: Vec<(i64, i64, char)> = arrival.into_iter().map(|a| a.1).collect();
+        let mut bounds: Vec<usize> = cuts.into_iter().map(|c| c.min(ordered.len())).collect();
+        bounds.extend([0, ordered.len()]);
+        bounds.sort();
+        bounds.dedup();
+        let commits: Vec<RecordBatch> = bounds
+            .windows(2)
+            .enumerate()
+            .map(|(v, w)| pair_events(v as i64, &ordered[w[0]..w[1]]))
+            .collect();
+        let (mut pending, mut wm, mut closed) = (empty(), None, Vec::new());
+        for c in &commits {
+            let out = e.step(&pending, std::slice::from_ref(c), wm, false).unwrap();
+            prop_assert_eq!(out.metrics.rows_late, 0);
+            closed.extend(pair_rows(&out.closed));
+            pending = out.pending;
+            wm = out.watermark;
+        }
+        let out = e.step(&pending, &[], wm, true).unwrap();
+        closed.extend(pair_rows(&out.closed));
+        closed.sort();
+        let batch = pair_rows(&e.step(&empty(), &commits, None, true).unwrap().closed);
+        prop_assert_eq!(closed, batch);
     }
 }

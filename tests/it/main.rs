@@ -7,6 +7,7 @@ mod bad_input;
 mod batches;
 mod crash;
 mod lock;
+mod models;
 mod source_commits;
 mod util;
 mod walkthrough;
