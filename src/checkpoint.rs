@@ -54,6 +54,9 @@ pub struct Identity {
     pub events_table: String,
     pub events_table_id: String,
     pub keys: Vec<String>,
+    /// Arrow types of the key columns: sessions cannot span a change of key type.
+    #[serde(default)]
+    pub key_types: Vec<String>,
     pub time_column: String,
     pub gap: String,
     pub watermark_delay: String,
@@ -87,6 +90,12 @@ impl Identity {
                 "--events",
             ),
             ("key", &self.keys.join(","), &wanted.keys.join(","), "--key"),
+            (
+                "key column types",
+                &self.key_types.join(","),
+                &wanted.key_types.join(","),
+                "--key on an events table whose key columns keep their type,",
+            ),
             (
                 "time column",
                 &self.time_column,

@@ -168,6 +168,10 @@ pub struct SessionizeArgs {
     /// For a new checkpoint only: the first events version to read.
     #[arg(long, env = "SESSIONIZER_STARTING_VERSION")]
     pub starting_version: Option<u64>,
+    /// For a new checkpoint only: start at the first events version committed at or after this
+    /// time (RFC 3339).
+    #[arg(long, env = "SESSIONIZER_STARTING_TIMESTAMP")]
+    pub starting_timestamp: Option<chrono::DateTime<chrono::Utc>>,
     /// Take over a lock left by another run even if it has not expired.
     #[arg(long)]
     pub break_lock: bool,

@@ -286,6 +286,7 @@ pub struct Settings {
     pub max_files_per_batch: usize,
     pub max_bytes_per_batch: Option<ByteSize>,
     pub starting_version: Option<u64>,
+    pub starting_timestamp: Option<chrono::DateTime<chrono::Utc>>,
     pub break_lock: bool,
 }
 
@@ -323,6 +324,9 @@ impl Settings {
         }
         if self.max_duration.is_some_and(|m| m.as_micros() <= 0) {
             return Err("--max-duration must be positive".into());
+        }
+        if self.starting_version.is_some() && self.starting_timestamp.is_some() {
+            return Err("give --starting-version or --starting-timestamp, not both".into());
         }
         if self.max_files_per_batch == 0 {
             return Err("--max-files-per-batch must be at least 1".into());

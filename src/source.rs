@@ -173,6 +173,31 @@ pub async fn read_version(
     })
 }
 
+/// The first version committed at or after `at` (by the commit's timestamp), walking back from
+/// `latest`; `latest + 1` when every commit is older (the run then waits for new ones).
+pub async fn first_version_at_or_after(
+    log_store: &LogStoreRef,
+    latest: u64,
+    at: &chrono::DateTime<chrono::Utc>,
+) -> Result<u64> {
+    let want = at.timestamp_millis();
+    let mut first = latest + 1;
+    for v in (0..=latest).rev() {
+        let Some(bytes) = log_store.read_commit_entry(v).await? else {
+            break; // older versions are gone: start at the oldest one still there
+        };
+        let ts = get_actions(v, &bytes)?.into_iter().find_map(|a| match a {
+            Action::CommitInfo(ci) => ci.timestamp,
+            _ => None,
+        });
+        match ts {
+            Some(ts) if ts < want => break,
+            _ => first = v,
+        }
+    }
+    Ok(first)
+}
+
 /// Limits that cut a backlog into batches.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchLimits {

@@ -47,6 +47,7 @@ pub fn demo_sessionize_args(base: &TableLocation) -> SessionizeArgs {
         max_files_per_batch: 1000,
         max_bytes_per_batch: None,
         starting_version: None,
+        starting_timestamp: None,
         break_lock: false,
     }
 }

@@ -99,6 +99,7 @@ impl SessionizeArgs {
             max_files_per_batch: self.max_files_per_batch,
             max_bytes_per_batch: self.max_bytes_per_batch,
             starting_version: self.starting_version,
+            starting_timestamp: self.starting_timestamp,
             break_lock: self.break_lock,
         };
         s.validate().map_err(Error::Usage)?;
@@ -178,6 +179,7 @@ pub async fn run(settings: &Settings) -> Result<RunSummary> {
         events_table: t.events.url().to_string(),
         events_table_id: events.snapshot()?.metadata().id().to_string(),
         keys: settings.keys.clone(),
+        key_types: spec.key_types.iter().map(|t| t.to_string()).collect(),
         time_column: settings.time_column.clone(),
         gap: settings.gap.to_string(),
         watermark_delay: settings.watermark_delay.to_string(),
@@ -231,9 +233,10 @@ async fn run_locked(
     let mut pending = cp
         .pending(state.as_ref(), &spec.normalized_schema())
         .await?;
-    let mut next = match progress.last_version {
-        Some(v) => v + 1,
-        None => settings.starting_version.unwrap_or(0),
+    let mut next = match (progress.last_version, &settings.starting_timestamp) {
+        (Some(v), _) => v + 1,
+        (None, Some(ts)) => source::first_version_at_or_after(&log_store, latest, ts).await?,
+        (None, None) => settings.starting_version.unwrap_or(0),
     };
     if progress.last_version.is_none() && next > latest + 1 {
         return Err(Error::usage(format!(

@@ -270,3 +270,48 @@ fn rows_with_null_keys_or_times_are_counted_not_fatal() {
     let kept = sql(&late, "SELECT reason FROM t");
     assert_eq!(kept, vec!["null_key", "null_time"]);
 }
+
+#[test]
+fn a_key_column_whose_type_changed_is_refused() {
+    use arrow::array::{RecordBatch, StringArray, TimestampMicrosecondArray};
+    use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    use std::sync::Arc;
+    let base = with_outputs();
+    let loc = sessionizer::config::TableLocation::from_path(&base.table("events")).unwrap();
+    rt().block_on(async {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("user_id", DataType::Utf8, true),
+            Field::new(
+                "visit_time",
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                true,
+            ),
+            Field::new("page", DataType::Utf8, true),
+        ]));
+        let t = chrono::DateTime::parse_from_rfc3339(T0)
+            .unwrap()
+            .timestamp_micros();
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(vec!["u-1"])),
+                Arc::new(TimestampMicrosecondArray::from(vec![t]).with_timezone("UTC")),
+                Arc::new(StringArray::from(vec!["p"])),
+            ],
+        )
+        .unwrap();
+        let table = sessionizer::source::try_load(&loc).await.unwrap().unwrap();
+        table
+            .write(vec![batch])
+            .with_save_mode(deltalake::protocol::SaveMode::Overwrite)
+            .with_schema_mode(deltalake::operations::write::SchemaMode::Overwrite)
+            .await
+            .unwrap();
+    });
+    refused(
+        &base,
+        &["sessionize"],
+        2,
+        &["key column types", "Int64", "Utf8", "new --checkpoint"],
+    );
+}

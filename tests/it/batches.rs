@@ -80,3 +80,30 @@ fn starting_version_skips_older_history_for_a_new_checkpoint() {
         .json();
     assert_eq!(s["source_versions"], "3..3");
 }
+
+#[test]
+fn starting_timestamp_picks_the_first_version_committed_at_or_after_it() {
+    let base = Base::new();
+    base.gen_at(T0); // versions 0 and 1
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let cut = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    base.gen_at("2026-02-15T17:06:00Z"); // version 2
+    let s = base
+        .ok(&[
+            "sessionize",
+            "--starting-timestamp",
+            &cut,
+            "--output",
+            "json",
+        ])
+        .json();
+    assert_eq!(s["source_versions"], "2..2", "{s}");
+    let both = base.run(&[
+        "sessionize",
+        "--starting-version",
+        "1",
+        "--starting-timestamp",
+        &cut,
+    ]);
+    assert_eq!(both.code(), 2, "{}", both.stderr());
+}
