@@ -13,3 +13,7 @@ check:
     cargo fmt --check
     cargo clippy --all-targets -- -D warnings
     cargo test
+
+# The benchmark: 10M events by default; see scripts/bench.sh --help-free options.
+bench:
+    scripts/bench.sh

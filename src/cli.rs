@@ -199,6 +199,13 @@ pub struct GenerateArgs {
     /// Write one window of a reference job's data instead (its own schema).
     #[arg(long, value_enum, conflicts_with_all = ["closing", "users", "per_user"])]
     pub scenario: Option<crate::commands::scenarios::Scenario>,
+    /// Bulk mode: this many random events in total (for benchmarks), over --commits commits
+    /// and --users users (default rows / 11). (`--events` names the table, so this is --rows.)
+    #[arg(long, conflicts_with_all = ["closing", "per_user", "scenario"])]
+    pub rows: Option<u64>,
+    /// Bulk mode: number of commits the rows are spread over, in event-time order.
+    #[arg(long, default_value_t = 1, requires = "rows")]
+    pub commits: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

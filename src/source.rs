@@ -485,8 +485,3 @@ fn with_partition_columns(
         &RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
     )?)
 }
-
-/// Number of rows across batches.
-pub fn row_count(batches: &[RecordBatch]) -> usize {
-    batches.iter().map(|b| b.num_rows()).sum()
-}

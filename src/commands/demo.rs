@@ -122,6 +122,8 @@ async fn scenario_demo(
             at: Some((t0 + Duration::minutes(offset)).to_rfc3339()),
             seed: 42,
             scenario: Some(scenario),
+            rows: None,
+            commits: 1,
         };
         generate_rows::command(&gen_args, out).await?;
         sessionize::command(&sessionize_args(base, flags)?, out).await?;
@@ -188,6 +190,8 @@ pub async fn command(args: &DemoArgs, out: &mut dyn Write) -> Result<()> {
         at,
         seed: 42,
         scenario: None,
+        rows: None,
+        commits: 1,
     };
     generate_rows::command(&gen_args(Some(t0.to_rfc3339()), false), out).await?;
     read_tables::show(&resolved, TableChoice::Events, 20, out).await?;

@@ -158,8 +158,63 @@ pub async fn rows_for(args: &GenerateArgs, loc: &TableLocation) -> Result<Rows> 
     }
 }
 
+/// Bulk mode: `total` events of `users` users over `commits` commits, built column by column.
+///
+/// Event times cover ten hours from `at`; commit `c` holds the `c`-th slice of that span, so a
+/// backlog read in order looks like a day of traffic arriving. Each user visits a handful of
+/// times, so most users have a few sessions with the default 30-minute gap.
+pub fn bulk_batch(
+    at_us: i64,
+    users: u64,
+    rows: u64,
+    commit: u64,
+    commits: u64,
+    seed: u64,
+) -> Result<RecordBatch> {
+    const SPAN_US: i64 = 10 * 3_600_000_000;
+    let mut rng =
+        rand::rngs::StdRng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ commit);
+    let slice = SPAN_US / commits.max(1) as i64;
+    let from = at_us + slice * commit as i64;
+    let n = rows as usize;
+    let users = users.max(1) as i64;
+    let user_ids = Int64Array::from_iter_values((0..n).map(|_| rng.random_range(1..=users)));
+    let times = TimestampMicrosecondArray::from_iter_values(
+        (0..n).map(|_| from + rng.random_range(0..slice.max(1))),
+    )
+    .with_timezone("UTC");
+    let names: Vec<String> = (1..=50).map(|p| format!("page_{p}.html")).collect();
+    let pages = StringArray::from_iter_values(
+        (0..n).map(|_| names[rng.random_range(0..names.len())].as_str()),
+    );
+    Ok(RecordBatch::try_new(
+        demo_schema(),
+        vec![Arc::new(user_ids), Arc::new(times), Arc::new(pages)],
+    )?)
+}
+
 pub async fn command(args: &GenerateArgs, out: &mut dyn Write) -> Result<()> {
     let loc = args.tables.resolve().events;
+    if let Some(total) = args.rows {
+        let at = match &args.at {
+            Some(s) => parse_time(s)?,
+            None => Utc::now(),
+        }
+        .timestamp_micros();
+        let commits = args.commits.max(1);
+        let users = args.users.unwrap_or((total / 11).max(1));
+        let mut version = 0;
+        for c in 0..commits {
+            let rows = total / commits + u64::from(c < total % commits);
+            version =
+                append_batch(&loc, bulk_batch(at, users, rows, c, commits, args.seed)?).await?;
+        }
+        writeln!(
+            out,
+            "generate-rows: appended {total} rows of {users} users in {commits} commit(s) to {loc}, up to version {version}"
+        )?;
+        return Ok(());
+    }
     if let Some(scenario) = args.scenario {
         let at = match &args.at {
             Some(s) => parse_time(s)?,

@@ -36,6 +36,28 @@ pub struct RunSummary {
     /// RFC 3339, or null before the first event.
     pub watermark: Option<String>,
     pub elapsed_ms: u64,
+    /// Where the time went, in milliseconds, summed over batches.
+    pub phases: Phases,
+}
+
+/// Milliseconds per phase of a run. `plan` covers opening the tables, the checkpoint, the
+/// lock and choosing versions; `commit` is what remains (plan file, lock release).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Phases {
+    pub plan: u64,
+    pub read: u64,
+    pub sessionize: u64,
+    pub write_sessions: u64,
+    pub merge_live: u64,
+    pub write_state: u64,
+    pub commit: u64,
+}
+
+/// Milliseconds since `*t`, restarting the lap.
+fn lap(t: &mut Instant) -> u64 {
+    let ms = t.elapsed().as_millis() as u64;
+    *t = Instant::now();
+    ms
 }
 
 impl RunSummary {
@@ -204,13 +226,21 @@ pub async fn run(settings: &Settings) -> Result<RunSummary> {
                 cp.identity().await?.unwrap_or(wanted)
             }
         };
-        run_locked(settings, &engine, &events, &read_plan, &cp, &identity).await
+        let started_ms = started.elapsed().as_millis() as u64;
+        run_locked(
+            settings, &engine, &events, &read_plan, &cp, &identity, started_ms,
+        )
+        .await
     }
     .await;
     let released = lock.release().await;
     let mut summary = result?;
     released?;
     summary.elapsed_ms = started.elapsed().as_millis() as u64;
+    let p = &summary.phases;
+    let accounted =
+        p.plan + p.read + p.sessionize + p.write_sessions + p.merge_live + p.write_state;
+    summary.phases.commit = summary.elapsed_ms.saturating_sub(accounted);
     Ok(summary)
 }
 
@@ -221,10 +251,16 @@ async fn run_locked(
     read_plan: &ReadPlan,
     cp: &Checkpoint,
     identity: &Identity,
+    started_ms: u64,
 ) -> Result<RunSummary> {
     let t = &settings.tables;
     let spec = &engine.spec;
     let app_id = identity.app_id();
+    let mut clock = Instant::now();
+    let mut phases = Phases {
+        plan: started_ms,
+        ..Default::default()
+    };
     let log_store = events.log_store();
     let latest = events.version().unwrap_or(0);
 
@@ -261,6 +297,7 @@ async fn run_locked(
     let mut summary = RunSummary::default();
     let (mut first_read, mut last_read) = (None, None);
     loop {
+        phases.plan += lap(&mut clock);
         let seq = progress.seq + 1;
         // Plan: replay the recorded plan of an unfinished batch, or choose the next versions.
         let (plan, vfs) = match cp.plan().await? {
@@ -319,13 +356,18 @@ async fn run_locked(
             }
         }
 
+        phases.plan += lap(&mut clock);
         let batches = source::read_events(events.object_store(), &vfs, spec, read_plan).await?;
+        phases.read += lap(&mut clock);
         failpoint::hit("after-read");
         let out = engine.step(&pending, &batches, progress.watermark_us, plan.flush)?;
+        drop(batches);
+        phases.sessionize += lap(&mut clock);
 
         let (s, _) =
             sink::append_once(sessions, &t.sessions, out.closed.clone(), &app_id, seq).await?;
         sessions = s;
+        phases.write_sessions += lap(&mut clock);
         failpoint::hit("after-sessions-commit");
         if let (Some(table), Some(loc)) = (late.take(), &t.late_events) {
             let (l, _) = sink::append_once(table, loc, out.rejected.clone(), &app_id, seq).await?;
@@ -341,6 +383,7 @@ async fn run_locked(
         )
         .await?;
         live = l;
+        phases.merge_live += lap(&mut clock);
         failpoint::hit("after-live-commit");
 
         let new_progress = Progress {
@@ -354,6 +397,7 @@ async fn run_locked(
             cp.write_state(state, out.pending.clone(), &new_progress, &app_id)
                 .await?,
         );
+        phases.write_state += lap(&mut clock);
         failpoint::hit("after-state-commit");
 
         summary.batches += 1;
@@ -375,6 +419,8 @@ async fn run_locked(
             break;
         }
     }
+    phases.plan += lap(&mut clock);
+    summary.phases = phases;
     summary.source_versions = first_read.zip(last_read).map(|(a, b)| format!("{a}..{b}"));
     summary.sessions_pending = progress.sessions_pending;
     summary.watermark = progress.watermark_us.map(format_micros);

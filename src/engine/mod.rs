@@ -30,8 +30,7 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, BooleanArray, Int64Array, RecordBatch};
 use arrow::compute::kernels::cmp::lt;
 use arrow::compute::{
-    SortColumn, SortOptions, concat_batches, filter_record_batch, is_null, lexsort_to_indices, not,
-    or, take_record_batch,
+    SortOptions, concat_batches, filter_record_batch, is_null, not, or, take_record_batch,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::error::ArrowError;
@@ -141,9 +140,17 @@ impl Engine {
             )?;
             keep = arrow::compute::and(&keep, &marked)?;
         }
-        let good = filter_record_batch(&events, &keep)?;
+        let good = if keep.true_count() == events.num_rows() {
+            events
+        } else {
+            filter_record_batch(&events, &keep)?
+        };
         let pending_rows = pending.num_rows();
-        let all = concat_batches(&schema, [&pending, &good])?;
+        let all = if pending_rows == 0 {
+            good
+        } else {
+            concat_batches(&schema, [&pending, &good])?
+        };
         let sorted_idx = self.sort_indices(&all)?;
         let sorted = take_record_batch(&all, &sorted_idx)?;
         // For each sorted row: did it arrive in this batch?
@@ -322,27 +329,94 @@ impl Engine {
         Ok((good, reasons))
     }
 
+    /// The permutation that sorts `batch` by (key, time, commit version, file, row).
+    ///
+    /// This is the hot spot of a run. Rather than a generic multi-column comparator, rows are
+    /// sorted by materialized `(key, time, position)` tuples when the key is one integer
+    /// column, or by `(row-encoded key, time, position)` otherwise. Ties in (key, time) are rare
+    /// and are put in tie-break order afterwards.
     fn sort_indices(&self, batch: &RecordBatch) -> Result<arrow::array::UInt32Array, ArrowError> {
-        let opts = Some(SortOptions {
-            descending: false,
-            nulls_first: true,
-        });
-        let mut cols: Vec<SortColumn> = self
+        let n = batch.num_rows();
+        let times = time_column(batch).values();
+        let keys: Vec<ArrayRef> = self
             .spec
             .key_columns
             .iter()
-            .map(|k| SortColumn {
-                values: batch.column_by_name(k).expect("key column").clone(),
-                options: opts,
-            })
+            .map(|k| batch.column_by_name(k).expect("key column").clone())
             .collect();
-        for c in [TIME_COL, VERSION_COL, FILE_COL, ROW_COL] {
-            cols.push(SortColumn {
-                values: batch.column_by_name(c).expect("normalized column").clone(),
-                options: opts,
+        let mut idx: Vec<u32> = if keys.len() == 1 && keys[0].data_type().is_integer() {
+            let k = arrow::compute::cast(&keys[0], &DataType::Int64)?;
+            let k = k
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .expect("cast to Int64")
+                .values();
+            let mut tuples: Vec<(i64, i64, u32)> =
+                (0..n).map(|i| (k[i], times[i], i as u32)).collect();
+            tuples.sort_unstable();
+            tuples.into_iter().map(|t| t.2).collect()
+        } else {
+            let fields = keys
+                .iter()
+                .map(|k| arrow::row::SortField::new(k.data_type().clone()))
+                .collect();
+            let rows = arrow::row::RowConverter::new(fields)?.convert_columns(&keys)?;
+            let mut idx: Vec<u32> = (0..n as u32).collect();
+            idx.sort_unstable_by(|&a, &b| {
+                let (a, b) = (a as usize, b as usize);
+                rows.row(a)
+                    .cmp(&rows.row(b))
+                    .then(times[a].cmp(&times[b]))
+                    .then(a.cmp(&b))
             });
+            idx
+        };
+        // Within runs of equal (key, time), order by (version, file, row) (SPEC rule 10).
+        let versions = batch
+            .column_by_name(VERSION_COL)
+            .expect("version")
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .expect("Int64")
+            .values();
+        let files = batch
+            .column_by_name(FILE_COL)
+            .expect("file")
+            .as_any()
+            .downcast_ref::<arrow::array::Int32Array>()
+            .expect("Int32")
+            .values();
+        let rows = batch
+            .column_by_name(ROW_COL)
+            .expect("row")
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .expect("Int64")
+            .values();
+        let comparators = keys
+            .iter()
+            .map(|k| arrow::array::make_comparator(k.as_ref(), k.as_ref(), SortOptions::default()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let same_key = |a: usize, b: usize| comparators.iter().all(|c| c(a, b).is_eq());
+        let mut start = 0;
+        while start < n {
+            let t = times[idx[start] as usize];
+            let mut end = start + 1;
+            while end < n
+                && times[idx[end] as usize] == t
+                && same_key(idx[start] as usize, idx[end] as usize)
+            {
+                end += 1;
+            }
+            if end - start > 1 {
+                idx[start..end].sort_unstable_by_key(|&i| {
+                    let i = i as usize;
+                    (versions[i], files[i], rows[i])
+                });
+            }
+            start = end;
         }
-        lexsort_to_indices(&cols, None)
+        Ok(arrow::array::UInt32Array::from(idx))
     }
 }
 
@@ -368,11 +442,6 @@ struct Cut {
     pending_rows: Vec<u32>,
     /// Sessions (or pairs) still open.
     open_count: u64,
-}
-
-/// The schema of the pending-state table: the normalized event schema.
-pub fn pending_schema(spec: &EventSpec) -> SchemaRef {
-    spec.normalized_schema()
 }
 
 pub(crate) fn field(name: &str, dt: DataType, nullable: bool) -> Arc<Field> {

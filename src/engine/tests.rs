@@ -868,3 +868,56 @@ proptest! {
         prop_assert_eq!(closed, batch);
     }
 }
+
+#[test]
+fn ties_in_event_time_follow_version_file_and_row_whatever_the_arrival_order() {
+    let e = engine(30, 15);
+    let later = events(2, &[(Some(1), Some(0), "from-v2")]);
+    let earlier = events(
+        1,
+        &[
+            (Some(1), Some(0), "from-v1-r0"),
+            (Some(1), Some(0), "from-v1-r1"),
+        ],
+    );
+    let out = e.step(&empty(), &[later, earlier], None, true).unwrap();
+    let pages: Vec<String> = sessions(&out.closed)[0]
+        .4
+        .iter()
+        .map(|p| p.0.clone())
+        .collect();
+    assert_eq!(pages, vec!["from-v1-r0", "from-v1-r1", "from-v2"]);
+
+    // The same with a string key (the row-encoded sort path).
+    let schema = Schema::new(vec![
+        Field::new("k", DataType::Utf8, true),
+        Field::new("t", DataType::Int64, true),
+        Field::new("page", DataType::Utf8, true),
+    ]);
+    let spec = EventSpec::resolve(&schema, &["k".into()], "t", &["page".into()], &[]).unwrap();
+    let raw = |pages: Vec<&str>| {
+        RecordBatch::try_new(
+            Arc::new(schema.clone()),
+            vec![
+                Arc::new(StringArray::from(vec!["a"; pages.len()])),
+                Arc::new(Int64Array::from(vec![5; pages.len()])),
+                Arc::new(StringArray::from(pages)),
+            ],
+        )
+        .unwrap()
+    };
+    let v2 = normalize(&spec, &raw(vec!["v2"]), 2, 0, 0, Markers::default()).unwrap();
+    let v1 = normalize(&spec, &raw(vec!["v1f1"]), 1, 1, 0, Markers::default()).unwrap();
+    let v1f0 = normalize(&spec, &raw(vec!["v1f0"]), 1, 0, 0, Markers::default()).unwrap();
+    let e = Engine::new(spec, e.rules);
+    let out = e.step(&v2, &[v1, v1f0], None, true).unwrap();
+    let pages = out
+        .closed
+        .column_by_name("visited_pages")
+        .unwrap()
+        .as_list::<i32>()
+        .value(0);
+    let names = pages.as_struct().column(0).as_string::<i32>().clone();
+    let got: Vec<&str> = (0..names.len()).map(|i| names.value(i)).collect();
+    assert_eq!(got, vec!["v1f0", "v1f1", "v2"]);
+}

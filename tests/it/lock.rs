@@ -38,7 +38,7 @@ fn a_second_concurrent_run_exits_75_and_writes_nothing() {
         .args(["sessionize", "--base-dir"])
         .arg(base.path())
         .env("SESSIONIZER_FAILPOINT", "pause-after-lock")
-        .env("SESSIONIZER_PAUSE_MS", "4000")
+        .env("SESSIONIZER_PAUSE_MS", "8000")
         .spawn()
         .unwrap();
     let lock = base.table("checkpoint/_sessionizer/lock.json");

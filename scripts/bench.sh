@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Benchmark: a backlog of N events sessionized in one run, then the incremental case.
+#
+#   scripts/bench.sh [--events N] [--commits C] [--users U] [--seed S] [--small-commits K]
+#
+# Prints the figures of each run (wall seconds, events/s, peak RSS, per-phase times from the
+# JSON summary) and ends with `bench: N events in S s = E events/s, peak RSS M MiB`.
+# Timing belongs here, never in `cargo test`: the machines are shared and noisy.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+EVENTS=10000000
+COMMITS=10
+USERS=""
+SEED=7
+SMALL_COMMITS=1000
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --events) EVENTS="$2"; shift 2 ;;
+        --commits) COMMITS="$2"; shift 2 ;;
+        --users) USERS="$2"; shift 2 ;;
+        --seed) SEED="$2"; shift 2 ;;
+        --small-commits) SMALL_COMMITS="$2"; shift 2 ;;
+        *) echo "bench: unknown option $1" >&2; exit 2 ;;
+    esac
+done
+USERS="${USERS:-$((EVENTS / 11))}"
+
+if [ ! -x /usr/bin/time ]; then
+    echo "bench: installing GNU time for peak-RSS figures" >&2
+    apt-get update -qq && apt-get install -y -qq time >/dev/null
+fi
+
+cargo build --release --quiet
+BIN="${CARGO_TARGET_DIR:-target}/release/sessionizer"
+BASE="$(mktemp -d /tmp/sessionizer-bench.XXXXXX)"
+trap 'rm -rf "$BASE"' EXIT
+AT="2026-02-15T00:00:00Z"
+
+# Runs `sessionize` under /usr/bin/time; prints one table row; leaves the JSON in $BASE/last.json.
+measure() {
+    local label="$1"; shift
+    /usr/bin/time -v "$BIN" sessionize --base-dir "$BASE" --output json "$@" \
+        >"$BASE/last.json" 2>"$BASE/time.txt" || { cat "$BASE/time.txt" >&2; exit 1; }
+    python3 - "$label" "$BASE/last.json" "$BASE/time.txt" <<'PY'
+import json, re, sys
+label, summary, timing = sys.argv[1], json.load(open(sys.argv[2])), open(sys.argv[3]).read()
+rss_mib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", timing).group(1)) / 1024
+wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (.+)", timing).group(1).strip()
+parts = [float(p) for p in wall.split(":")]
+secs = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
+rows = summary["rows_read"]
+rate = rows / secs if secs > 0 else 0
+ph = summary["phases"]
+print(f"| {label} | {rows} | {summary['sessions_closed']} | {summary['sessions_pending']} | "
+      f"{secs:.2f} | {rate:,.0f} | {rss_mib:.0f} | "
+      + " | ".join(str(ph[k]) for k in ["plan", "read", "sessionize", "write_sessions", "merge_live", "write_state", "commit"]) + " |")
+open(sys.argv[2] + ".line", "w").write(f"{rows} {secs:.2f} {rate:.0f} {rss_mib:.0f}")
+PY
+}
+
+echo "bench: generating $EVENTS events of $USERS users in $COMMITS commits under $BASE" >&2
+start=$(date +%s.%N)
+"$BIN" generate-rows --base-dir "$BASE" --rows "$EVENTS" --commits "$COMMITS" --users "$USERS" --seed "$SEED" --at "$AT" >&2
+echo "bench: generated in $(python3 -c "print(f'{$(date +%s.%N) - $start:.1f}')") s" >&2
+
+echo "| run | events | closed | pending | wall s | events/s | peak RSS MiB | plan | read | sessionize | write_sessions | merge_live | write_state | commit |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+measure "backlog, one run"
+read -r B_ROWS B_SECS B_RATE B_RSS < "$BASE/last.json.line" || true
+
+measure "nothing new"
+
+# Bulk rows span ten hours from --at, so each later step starts where the previous one ended.
+"$BIN" generate-rows --base-dir "$BASE" --rows 10000 --commits 1 --users "$USERS" --seed $((SEED + 1)) --at "2026-02-15T10:00:00Z" >/dev/null
+measure "+1 commit of 10,000"
+
+"$BIN" generate-rows --base-dir "$BASE" --rows $((SMALL_COMMITS * 10)) --commits "$SMALL_COMMITS" --users "$USERS" --seed $((SEED + 2)) --at "2026-02-15T20:00:00Z" >/dev/null
+measure "+$SMALL_COMMITS small commits"
+"$BIN" generate-rows --base-dir "$BASE" --rows 10000 --commits 1 --users "$USERS" --seed $((SEED + 3)) --at "2026-02-16T06:00:00Z" >/dev/null
+measure "+1 commit of 10,000, after them"
+
+echo "bench: $B_ROWS events in $B_SECS s = $B_RATE events/s, peak RSS $B_RSS MiB"
