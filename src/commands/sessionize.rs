@@ -358,10 +358,18 @@ async fn run_locked(
 
         phases.plan += lap(&mut clock);
         let batches = source::read_events(events.object_store(), &vfs, spec, read_plan).await?;
+        // One contiguous batch, and the per-file batches freed before the engine works.
+        let new_events = arrow::compute::concat_batches(&spec.normalized_schema(), &batches)?;
+        drop(batches);
         phases.read += lap(&mut clock);
         failpoint::hit("after-read");
-        let out = engine.step(&pending, &batches, progress.watermark_us, plan.flush)?;
-        drop(batches);
+        let out = engine.step(
+            &pending,
+            std::slice::from_ref(&new_events),
+            progress.watermark_us,
+            plan.flush,
+        )?;
+        drop(new_events);
         phases.sessionize += lap(&mut clock);
 
         let (s, _) =

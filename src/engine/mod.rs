@@ -100,7 +100,10 @@ impl Engine {
         flush: bool,
     ) -> Result<StepOutput, ArrowError> {
         let schema = self.spec.normalized_schema();
-        let events = concat_batches(&schema, events)?;
+        let events = match events {
+            [one] => one.clone(),
+            many => concat_batches(&schema, many)?,
+        };
         let pending = if pending.num_rows() == 0 {
             RecordBatch::new_empty(schema.clone())
         } else {
@@ -152,7 +155,21 @@ impl Engine {
             concat_batches(&schema, [&pending, &good])?
         };
         let sorted_idx = self.sort_indices(&all)?;
-        let sorted = take_record_batch(&all, &sorted_idx)?;
+        // Only the narrow columns the rules read are put in order; the collected columns (page
+        // strings, the widest part of an event) are gathered once, for closed sessions and
+        // pending rows, straight from the unsorted batch through the permutation.
+        let narrow: Vec<usize> = schema
+            .fields()
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| !self.spec.collect.iter().any(|(c, _)| c == f.name()))
+            .map(|(i, _)| i)
+            .collect();
+        let sorted = take_record_batch(&all.project(&narrow)?, &sorted_idx)?;
+        let unsorted = output::Unsorted {
+            all: &all,
+            perm: sorted_idx.values(),
+        };
         // For each sorted row: did it arrive in this batch?
         let is_new: Vec<bool> = sorted_idx
             .values()
@@ -175,12 +192,11 @@ impl Engine {
         let cut = if self.spec.pairs {
             self.cut_pairs(&sorted, &ranges, &is_new, new_watermark, flush)?
         } else {
-            self.cut_sessions(&sorted, &ranges, &is_new, new_watermark, flush)?
+            self.cut_sessions(&sorted, &unsorted, &ranges, &is_new, new_watermark, flush)?
         };
         metrics.sessions_closed = cut.closed.num_rows() as u64;
         metrics.sessions_pending = cut.open_count;
-        let pending_out =
-            take_record_batch(&sorted, &arrow::array::UInt32Array::from(cut.pending_rows))?;
+        let pending_out = take_record_batch(&all, &unsorted.rows(cut.pending_rows.into_iter()))?;
 
         Ok(StepOutput {
             closed: cut.closed,
@@ -196,6 +212,7 @@ impl Engine {
     fn cut_sessions(
         &self,
         sorted: &RecordBatch,
+        unsorted: &output::Unsorted,
         ranges: &[std::ops::Range<usize>],
         is_new: &[bool],
         watermark: Option<i64>,
@@ -229,7 +246,7 @@ impl Engine {
             }
         }
         Ok(Cut {
-            closed: output::closed_sessions(&self.spec, sorted, &closed)?,
+            closed: output::closed_sessions(&self.spec, sorted, unsorted, &closed)?,
             live: output::live_rows(&self.spec, sorted, &live)?,
             pending_rows: open
                 .iter()

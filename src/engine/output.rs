@@ -106,14 +106,36 @@ pub fn session_id(keys: &[ArrayRef], row: usize, start_us: i64) -> String {
 
 /// The hash behind [`session_id`]: key values of `row`, then `instants` (microseconds).
 pub(super) fn hash_id(keys: &[ArrayRef], row: usize, instants: &[i64]) -> String {
-    let mut buf: Vec<u8> = Vec::with_capacity(32);
+    hex_id(&mut Vec::new(), keys, row, instants)
+        .as_str()
+        .to_string()
+}
+
+/// [`hash_id`] into a stack buffer, reusing `buf` for the encoded key: no allocation per id.
+fn hex_id(buf: &mut Vec<u8>, keys: &[ArrayRef], row: usize, instants: &[i64]) -> HexId {
+    buf.clear();
     for k in keys {
-        encode_key(k.as_ref(), row, &mut buf);
+        encode_key(k.as_ref(), row, buf);
     }
     for t in instants {
         buf.extend_from_slice(&t.to_le_bytes());
     }
-    format!("{:032x}", twox_hash::XxHash3_128::oneshot(&buf))
+    let h = twox_hash::XxHash3_128::oneshot(buf);
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 32];
+    for (i, d) in out.iter_mut().enumerate() {
+        *d = DIGITS[((h >> (4 * (31 - i))) & 0xf) as usize];
+    }
+    HexId(out)
+}
+
+/// 32 lowercase hex digits.
+struct HexId([u8; 32]);
+
+impl HexId {
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("hex digits are ASCII")
+    }
 }
 
 fn encode_key(col: &dyn Array, row: usize, buf: &mut Vec<u8>) {
@@ -146,6 +168,20 @@ fn encode_key(col: &dyn Array, row: usize, buf: &mut Vec<u8>) {
     }
 }
 
+/// The step's events before sorting, and the permutation that sorts them: the wide collected
+/// columns are taken from here, only for the rows that need them.
+pub(super) struct Unsorted<'a> {
+    pub all: &'a RecordBatch,
+    pub perm: &'a [u32],
+}
+
+impl Unsorted<'_> {
+    /// Indices into `all` of the given sorted positions.
+    pub fn rows(&self, sorted_rows: impl Iterator<Item = u32>) -> UInt32Array {
+        UInt32Array::from_iter_values(sorted_rows.map(|r| self.perm[r as usize]))
+    }
+}
+
 /// Columns shared by the sessions and live outputs, gathered for a list of spans.
 struct Gathered {
     keys: Vec<ArrayRef>,
@@ -172,12 +208,12 @@ fn gather(
         .iter()
         .map(|k| take(sorted.column_by_name(k).expect("key column"), &firsts, None))
         .collect::<Result<_, _>>()?;
-    let session_ids = StringArray::from_iter_values(
-        spans
-            .iter()
-            .enumerate()
-            .map(|(i, s)| session_id(&keys, i, times[s.start])),
-    );
+    let mut ids = arrow::array::StringBuilder::with_capacity(spans.len(), spans.len() * 32);
+    let mut buf = Vec::with_capacity(64);
+    for (i, s) in spans.iter().enumerate() {
+        ids.append_value(hex_id(&mut buf, &keys, i, &[times[s.start]]).as_str());
+    }
+    let session_ids = ids.finish();
     let start = TimestampMicrosecondArray::from_iter_values(spans.iter().map(|s| times[s.start]))
         .with_timezone("UTC");
     let end = TimestampMicrosecondArray::from_iter_values(spans.iter().map(|s| times[s.end - 1]))
@@ -217,6 +253,7 @@ fn gather(
 pub(super) fn closed_sessions(
     spec: &EventSpec,
     sorted: &RecordBatch,
+    unsorted: &Unsorted,
     spans: &[SessionSpan],
 ) -> Result<RecordBatch, ArrowError> {
     let refs: Vec<&SessionSpan> = spans.iter().collect();
@@ -235,7 +272,7 @@ pub(super) fn closed_sessions(
     cols.push(Arc::new(duration));
     cols.push(Arc::new(g.count));
     if !spec.collect.is_empty() {
-        cols.push(Arc::new(visited_pages(spec, sorted, spans)?));
+        cols.push(Arc::new(visited_pages(spec, sorted, unsorted, spans)?));
     }
     cols.extend(g.sums);
     cols.push(Arc::new(StringArray::from_iter_values(
@@ -250,15 +287,17 @@ pub(super) fn closed_sessions(
 fn visited_pages(
     spec: &EventSpec,
     sorted: &RecordBatch,
+    unsorted: &Unsorted,
     spans: &[SessionSpan],
 ) -> Result<ListArray, ArrowError> {
     let idx =
         UInt32Array::from_iter_values(spans.iter().flat_map(|s| (s.start as u32)..(s.end as u32)));
+    let source = unsorted.rows(idx.values().iter().copied());
     let mut children: Vec<ArrayRef> = Vec::new();
     for (c, _) in &spec.collect {
         children.push(take(
-            sorted.column_by_name(c).expect("collect column"),
-            &idx,
+            unsorted.all.column_by_name(c).expect("collect column"),
+            &source,
             None,
         )?);
     }
