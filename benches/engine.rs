@@ -4,30 +4,15 @@
 use std::sync::Arc;
 
 use arrow::array::{BooleanArray, Int32Array, Int64Array, RecordBatch, StringArray};
-use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use sessionizer::engine::{Engine, EventSpec, SessionRules};
 
 const MIN: i64 = 60_000_000;
 
 fn spec() -> EventSpec {
-    let schema = Schema::new(vec![
-        Field::new("user_id", DataType::Int64, true),
-        Field::new(
-            "visit_time",
-            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-            true,
-        ),
-        Field::new("page", DataType::Utf8, true),
-    ]);
-    EventSpec::resolve(
-        &schema,
-        &["user_id".into()],
-        "visit_time",
-        &["page".into()],
-        &[],
-    )
-    .unwrap()
+    let schema = sessionizer::commands::generate_rows::demo_schema();
+    let page = ["page".to_string()];
+    EventSpec::resolve(&schema, &["user_id".into()], "visit_time", &page, &[]).unwrap()
 }
 
 /// `n` events of `n / 11` users over ten hours, from a fixed linear congruential sequence.

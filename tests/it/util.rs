@@ -107,10 +107,14 @@ pub fn version(p: &Path) -> Option<u64> {
 
 /// All rows of a table as `a | b | c` strings (columns in table order), sorted.
 pub fn rows(p: &Path) -> Vec<String> {
-    let batches = read(p);
+    lines(&read(p))
+}
+
+/// Batches as sorted `a | b | c` lines.
+fn lines(batches: &[RecordBatch]) -> Vec<String> {
+    let opts = FormatOptions::default().with_null("null");
     let mut out = Vec::new();
-    for b in &batches {
-        let opts = FormatOptions::default().with_null("null");
+    for b in batches {
         let fmts: Vec<ArrayFormatter> = b
             .columns()
             .iter()
@@ -171,25 +175,7 @@ pub fn sql(p: &Path, query: &str) -> Vec<String> {
             .unwrap();
         ctx.sql(query).await.unwrap().collect().await.unwrap()
     });
-    let mut out = Vec::new();
-    for b in &batches {
-        let opts = FormatOptions::default().with_null("null");
-        let fmts: Vec<ArrayFormatter> = b
-            .columns()
-            .iter()
-            .map(|c| ArrayFormatter::try_new(c.as_ref(), &opts).unwrap())
-            .collect();
-        for i in 0..b.num_rows() {
-            out.push(
-                fmts.iter()
-                    .map(|f| f.value(i).to_string())
-                    .collect::<Vec<_>>()
-                    .join(" | "),
-            );
-        }
-    }
-    out.sort();
-    out
+    lines(&batches)
 }
 
 /// The versions of the three output tables (sessions, live, checkpoint state).
