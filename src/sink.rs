@@ -16,6 +16,9 @@ use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::{StructType, Transaction};
 use deltalake::protocol::SaveMode;
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError, TableProperty};
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
 
 use crate::config::TableLocation;
 use crate::error::{Error, Result};
@@ -138,6 +141,16 @@ pub async fn committed_or_recheck(
     }
 }
 
+/// Parquet settings for appends: Snappy as delta-rs does by default, but no dictionary for the
+/// session id, whose values are all distinct (a dictionary there only costs time).
+fn append_writer_properties() -> WriterProperties {
+    let mut b = WriterProperties::builder().set_compression(Compression::SNAPPY);
+    for id in ["session_id", "session_uid"] {
+        b = b.set_column_dictionary_enabled(ColumnPath::from(id), false);
+    }
+    b.build()
+}
+
 fn txn_props(app_id: &str, seq: i64) -> CommitProperties {
     CommitProperties::default().with_application_transaction(Transaction::new(app_id, seq))
 }
@@ -161,6 +174,7 @@ pub async fn append_once(
     let result = table
         .write(vec![batch])
         .with_save_mode(SaveMode::Append)
+        .with_writer_properties(append_writer_properties())
         .with_commit_properties(txn_props(app_id, seq))
         .await;
     Ok((committed_or_recheck(result, loc, app_id, seq).await?, true))
