@@ -462,6 +462,19 @@ impl LockGuard {
         let heartbeat = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(LOCK_HEARTBEAT).await;
+                // Refresh only a lock that is still ours: if it expired and another run took
+                // it over, overwriting theirs would let two runs believe they hold it.
+                let held = match s.get(&Path::from(LOCK)).await {
+                    Ok(r) => r.bytes().await.ok(),
+                    Err(_) => None,
+                };
+                let ours = held
+                    .and_then(|b| serde_json::from_slice::<LockInfo>(&b).ok())
+                    .is_some_and(|h| h.token == i.token);
+                if !ours {
+                    tracing::warn!("the checkpoint lock is no longer ours; stopping its heartbeat");
+                    return;
+                }
                 i.expires_at = (Utc::now() + LOCK_TTL).to_rfc3339();
                 let body = serde_json::to_vec_pretty(&i).expect("serializable");
                 if let Err(e) = s.put(&Path::from(LOCK), PutPayload::from(body)).await {
