@@ -273,7 +273,7 @@ impl Checkpoint {
                 Err(Error::ObjectStore(object_store::Error::AlreadyExists { .. }))
                     if attempt == 0 =>
                 {
-                    let held: Option<LockInfo> = self.get_json(LOCK).await.unwrap_or(None);
+                    let held = read_lock(self.store.as_ref()).await;
                     let stale = match &held {
                         None => true,
                         Some(h) => {
@@ -313,7 +313,7 @@ impl Checkpoint {
 
     /// Who holds the lock now, if anyone (for `status`).
     pub async fn lock_holder(&self) -> Result<Option<String>> {
-        let held: Option<LockInfo> = self.get_json(LOCK).await.unwrap_or(None);
+        let held = read_lock(self.store.as_ref()).await;
         Ok(held.map(|h| {
             format!(
                 "pid {} on {} since {} (expires {})",
@@ -464,12 +464,8 @@ impl LockGuard {
                 tokio::time::sleep(LOCK_HEARTBEAT).await;
                 // Refresh only a lock that is still ours: if it expired and another run took
                 // it over, overwriting theirs would let two runs believe they hold it.
-                let held = match s.get(&Path::from(LOCK)).await {
-                    Ok(r) => r.bytes().await.ok(),
-                    Err(_) => None,
-                };
-                let ours = held
-                    .and_then(|b| serde_json::from_slice::<LockInfo>(&b).ok())
+                let ours = read_lock(s.as_ref())
+                    .await
                     .is_some_and(|h| h.token == i.token);
                 if !ours {
                     tracing::warn!("the checkpoint lock is no longer ours; stopping its heartbeat");
@@ -492,22 +488,30 @@ impl LockGuard {
     /// Releases the lock if it is still ours.
     pub async fn release(self) -> Result<()> {
         self.heartbeat.abort();
-        let path = Path::from(LOCK);
-        if let Ok(r) = self.store.get(&path).await {
-            let bytes = r.bytes().await?;
-            if let Ok(held) = serde_json::from_slice::<LockInfo>(&bytes)
-                && held.token != self.info.token
-            {
-                tracing::warn!("the lock was taken over by another run; leaving it");
-                return Ok(());
-            }
-            match self.store.delete(&path).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
+        if read_lock(self.store.as_ref())
+            .await
+            .is_some_and(|h| h.token != self.info.token)
+        {
+            tracing::warn!("the lock was taken over by another run; leaving it");
+            return Ok(());
         }
-        Ok(())
+        match self.store.delete(&Path::from(LOCK)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
+}
+
+/// The lock as stored, or `None` when there is none or it cannot be read as a lock.
+async fn read_lock(store: &dyn ObjectStore) -> Option<LockInfo> {
+    let bytes = store
+        .get(&Path::from(LOCK))
+        .await
+        .ok()?
+        .bytes()
+        .await
+        .ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 fn hostname() -> String {

@@ -5,52 +5,15 @@ use std::io::Write;
 
 use chrono::{Duration, Timelike, Utc};
 
-use crate::cli::{DemoArgs, SessionizeArgs, TableArgs, TableChoice};
+use crate::cli::{Command, DemoArgs, GenerateArgs, SessionizeArgs, TableChoice};
 use crate::commands::scenarios::Scenario;
 use crate::commands::{generate_rows, read_tables, sessionize};
-use crate::config::{Collect, Dur, OnChangeCommit, OutputFormat, TableLocation};
+use crate::config::{Dur, TableLocation};
 use crate::error::Result;
 
 /// The demo's gap and watermark delay, as in the reference walkthrough.
 pub const DEMO_GAP: Dur = Dur::from_minutes(40);
 pub const DEMO_DELAY: Dur = Dur::from_minutes(15);
-
-fn table_args(base: &TableLocation) -> TableArgs {
-    TableArgs {
-        base_dir: base.clone(),
-        events: None,
-        sessions: None,
-        live: None,
-        checkpoint: None,
-        late_events: None,
-    }
-}
-
-/// `sessionize` flags of the demo.
-pub fn demo_sessionize_args(base: &TableLocation) -> SessionizeArgs {
-    SessionizeArgs {
-        tables: table_args(base),
-        key: "user_id".into(),
-        time_column: "visit_time".into(),
-        gap: DEMO_GAP,
-        watermark_delay: DEMO_DELAY,
-        collect: Collect::Auto,
-        sum: vec![],
-        mode: crate::config::Mode::Sessions,
-        end_when: None,
-        start_when: None,
-        max_duration: None,
-        pair_timeout: Dur::from_minutes(60),
-        flush: false,
-        output: OutputFormat::Text,
-        on_change_commit: OnChangeCommit::Fail,
-        max_files_per_batch: 1000,
-        max_bytes_per_batch: None,
-        starting_version: None,
-        starting_timestamp: None,
-        break_lock: false,
-    }
-}
 
 /// Removes the demo's four tables under `base` (and nothing else).
 fn reset(base: &TableLocation) -> Result<()> {
@@ -65,20 +28,30 @@ fn reset(base: &TableLocation) -> Result<()> {
     Ok(())
 }
 
-/// Parses `sessionize` flags as the command line would.
-fn sessionize_args(base: &TableLocation, flags: &[&str]) -> Result<SessionizeArgs> {
+/// Parses a subcommand's flags as the command line would, so the demo gets the same defaults
+/// and validation as a user typing them.
+fn parse(base: &TableLocation, subcommand: &str, flags: &[&str]) -> Result<Command> {
     use clap::Parser;
     let base = base.to_string();
-    let argv = ["sessionizer", "sessionize", "--base-dir", base.as_str()]
+    let argv = ["sessionizer", subcommand, "--base-dir", base.as_str()]
         .into_iter()
         .chain(flags.iter().copied());
-    match crate::cli::Cli::try_parse_from(argv) {
-        Ok(crate::cli::Cli {
-            command: crate::cli::Command::Sessionize(a),
-            ..
-        }) => Ok(a),
-        Ok(_) => unreachable!("parsed as sessionize"),
-        Err(e) => Err(crate::error::Error::usage(e.to_string())),
+    crate::cli::Cli::try_parse_from(argv)
+        .map(|cli| cli.command)
+        .map_err(|e| crate::error::Error::usage(e.to_string()))
+}
+
+fn sessionize_args(base: &TableLocation, flags: &[&str]) -> Result<SessionizeArgs> {
+    match parse(base, "sessionize", flags)? {
+        Command::Sessionize(a) => Ok(a),
+        _ => unreachable!("parsed as sessionize"),
+    }
+}
+
+fn generate_args(base: &TableLocation, flags: &[&str]) -> Result<GenerateArgs> {
+    match parse(base, "generate-rows", flags)? {
+        Command::GenerateRows(a) => Ok(a),
+        _ => unreachable!("parsed as generate-rows"),
     }
 }
 
@@ -88,9 +61,8 @@ async fn scenario_demo(
     scenario: Scenario,
     out: &mut dyn Write,
 ) -> Result<()> {
-    let tables = table_args(base);
-    let resolved = tables.resolve();
     let flags = scenario.sessionize_flags();
+    let resolved = sessionize_args(base, flags)?.tables.resolve();
     let t0 = Utc::now()
         .with_nanosecond(0)
         .expect("zero nanoseconds is valid");
@@ -114,17 +86,8 @@ async fn scenario_demo(
             "\n=== step {n}: a window of {} events {offset} minutes after the start, then sessionize",
             scenario.name()
         )?;
-        let gen_args = crate::cli::GenerateArgs {
-            tables: tables.clone(),
-            closing: false,
-            users: None,
-            per_user: None,
-            at: Some((t0 + Duration::minutes(offset)).to_rfc3339()),
-            seed: 42,
-            scenario: Some(scenario),
-            rows: None,
-            commits: 1,
-        };
+        let at = (t0 + Duration::minutes(offset)).to_rfc3339();
+        let gen_args = generate_args(base, &["--scenario", scenario.name(), "--at", &at])?;
         generate_rows::command(&gen_args, out).await?;
         sessionize::command(&sessionize_args(base, flags)?, out).await?;
         read_tables::show(&resolved, TableChoice::Sessions, 30, out).await?;
@@ -161,9 +124,9 @@ pub async fn command(args: &DemoArgs, out: &mut dyn Write) -> Result<()> {
     if let Some(scenario) = args.scenario {
         return scenario_demo(base, scenario, out).await;
     }
-    let tables = table_args(base);
-    let resolved = tables.resolve();
-    let run_args = demo_sessionize_args(base);
+    let (gap, delay) = (DEMO_GAP.to_string(), DEMO_DELAY.to_string());
+    let run_args = sessionize_args(base, &["--gap", &gap, "--watermark-delay", &delay])?;
+    let resolved = run_args.tables.resolve();
     let t0 = Utc::now()
         .with_nanosecond(0)
         .expect("zero nanoseconds is valid");
@@ -182,18 +145,7 @@ pub async fn command(args: &DemoArgs, out: &mut dyn Write) -> Result<()> {
         1,
         "generate the reference rows (user 1 twice, users 2 and 3 once) at the current time",
     )?;
-    let gen_args = |at: Option<String>, closing: bool| crate::cli::GenerateArgs {
-        tables: tables.clone(),
-        closing,
-        users: None,
-        per_user: None,
-        at,
-        seed: 42,
-        scenario: None,
-        rows: None,
-        commits: 1,
-    };
-    generate_rows::command(&gen_args(Some(t0.to_rfc3339()), false), out).await?;
+    generate_rows::command(&generate_args(base, &["--at", &t0.to_rfc3339()])?, out).await?;
     read_tables::show(&resolved, TableChoice::Events, 20, out).await?;
 
     step(
@@ -211,7 +163,7 @@ pub async fn command(args: &DemoArgs, out: &mut dyn Write) -> Result<()> {
         "generate the same users again, 73 seconds later, and sessionize: they join the open sessions, nothing closes yet",
     )?;
     generate_rows::command(
-        &gen_args(Some((t0 + Duration::seconds(73)).to_rfc3339()), false),
+        &generate_args(base, &["--at", &(t0 + Duration::seconds(73)).to_rfc3339()])?,
         out,
     )
     .await?;
@@ -224,7 +176,7 @@ pub async fn command(args: &DemoArgs, out: &mut dyn Write) -> Result<()> {
         4,
         "generate a closing row: a new user 61 minutes after the latest event, which moves the watermark past the open sessions",
     )?;
-    generate_rows::command(&gen_args(None, true), out).await?;
+    generate_rows::command(&generate_args(base, &["--closing"])?, out).await?;
     sessionize::command(&run_args, out).await?;
     writeln!(
         out,

@@ -137,13 +137,18 @@ pub async fn append_batch(loc: &TableLocation, batch: RecordBatch) -> Result<i64
     Ok(table.version().map_or(0, |v| v as i64))
 }
 
-/// What `generate-rows` will append for these flags.
-pub async fn rows_for(args: &GenerateArgs, loc: &TableLocation) -> Result<Rows> {
-    let at = match &args.at {
+/// `--at`, or the current time: the one place the generator reads the wall clock.
+fn at_micros(args: &GenerateArgs) -> Result<i64> {
+    Ok(match &args.at {
         Some(s) => parse_time(s)?,
         None => Utc::now(),
     }
-    .timestamp_micros();
+    .timestamp_micros())
+}
+
+/// What `generate-rows` will append for these flags.
+pub async fn rows_for(args: &GenerateArgs, loc: &TableLocation) -> Result<Rows> {
+    let at = at_micros(args)?;
     if args.closing {
         let (t, u) = latest_event(loc).await?.ok_or_else(|| {
             Error::usage(format!(
@@ -196,11 +201,7 @@ pub fn bulk_batch(
 pub async fn command(args: &GenerateArgs, out: &mut dyn Write) -> Result<()> {
     let loc = args.tables.resolve().events;
     if let Some(total) = args.rows {
-        let at = match &args.at {
-            Some(s) => parse_time(s)?,
-            None => Utc::now(),
-        }
-        .timestamp_micros();
+        let at = at_micros(args)?;
         let commits = args.commits.max(1);
         let users = args.users.unwrap_or((total / 11).max(1));
         let mut version = 0;
@@ -216,11 +217,7 @@ pub async fn command(args: &GenerateArgs, out: &mut dyn Write) -> Result<()> {
         return Ok(());
     }
     if let Some(scenario) = args.scenario {
-        let at = match &args.at {
-            Some(s) => parse_time(s)?,
-            None => Utc::now(),
-        };
-        let batch = scenario.rows(at.timestamp_micros(), args.seed);
+        let batch = scenario.rows(at_micros(args)?, args.seed);
         let n = batch.num_rows();
         let version = append_batch(&loc, batch).await?;
         writeln!(

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use arrow::array::{
     Array, AsArray, BooleanArray, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
 };
-use arrow::datatypes::{DataType, Field, Int64Type, Schema, TimeUnit, TimestampMicrosecondType};
+use arrow::datatypes::{DataType, Field, Int64Type, Schema, TimestampMicrosecondType};
 use proptest::prelude::*;
 
 use super::*;
@@ -17,15 +17,7 @@ use super::*;
 const MIN: i64 = 60_000_000;
 
 fn spec() -> EventSpec {
-    let schema = Schema::new(vec![
-        Field::new("user_id", DataType::Int64, true),
-        Field::new(
-            "visit_time",
-            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-            true,
-        ),
-        Field::new("page", DataType::Utf8, true),
-    ]);
+    let schema = crate::commands::generate_rows::demo_schema();
     EventSpec::resolve(
         &schema,
         &["user_id".into()],

@@ -94,18 +94,12 @@ fn a_new_nullable_column_in_the_events_table_keeps_working() {
     let loc = TableLocation::from_path(&base.table("events")).unwrap();
     rt().block_on(async {
         use arrow::array::{Int64Array, StringArray, TimestampMicrosecondArray};
-        use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+        use arrow::datatypes::{DataType, Field, Schema};
         use std::sync::Arc;
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("user_id", DataType::Int64, true),
-            Field::new(
-                "visit_time",
-                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-                true,
-            ),
-            Field::new("page", DataType::Utf8, true),
-            Field::new("referrer", DataType::Utf8, true),
-        ]));
+        let demo = sessionizer::commands::generate_rows::demo_schema();
+        let mut fields: Vec<Field> = demo.fields().iter().map(|f| f.as_ref().clone()).collect();
+        fields.push(Field::new("referrer", DataType::Utf8, true));
+        let schema = Arc::new(Schema::new(fields));
         let t = chrono::DateTime::parse_from_rfc3339("2026-02-15T17:06:00Z")
             .unwrap()
             .timestamp_micros();
