@@ -167,3 +167,31 @@ fn the_outputs_are_plain_delta_tables_with_the_documented_columns() {
         .unwrap();
     assert!(log0.contains("\"delta.appendOnly\":\"true\""), "{log0}");
 }
+
+#[test]
+fn the_demo_walkthrough_closes_the_sessions_at_the_third_run() {
+    let base = Base::new();
+    let out = base.ok(&["demo"]).stdout();
+    let runs: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("sessionize:"))
+        .collect();
+    assert_eq!(runs.len(), 3, "{out}");
+    assert!(
+        runs[0].contains("0 sessions closed") && runs[1].contains("0 sessions closed"),
+        "{out}"
+    );
+    assert!(runs[2].contains("3 sessions closed, 1 pending"), "{out}");
+    let closed = sql(
+        &base.table("sessions"),
+        "SELECT user_id, event_count, close_reason FROM t",
+    );
+    assert_eq!(
+        closed,
+        vec![
+            "1 | 4 | inactivity",
+            "2 | 2 | inactivity",
+            "3 | 2 | inactivity"
+        ]
+    );
+}
