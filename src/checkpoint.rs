@@ -23,12 +23,12 @@ use arrow::compute::cast;
 use arrow::datatypes::SchemaRef;
 use chrono::{DateTime, Utc};
 use datafusion::prelude::SessionContext;
+use deltalake::DeltaTable;
 use deltalake::kernel::Action;
 use deltalake::kernel::Transaction;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::logstore::get_actions;
 use deltalake::protocol::SaveMode;
-use deltalake::{DeltaTable, DeltaTableBuilder};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
@@ -185,9 +185,7 @@ impl Checkpoint {
                 )));
             }
         }
-        let store = DeltaTableBuilder::from_url(loc.url().clone())?
-            .build()?
-            .object_store();
+        let store = loc.builder()?.build()?.object_store();
         Ok(Self {
             loc: loc.clone(),
             store,
@@ -396,6 +394,28 @@ impl Checkpoint {
                 ))
             })?;
         Ok(arrow::compute::concat_batches(schema, &conformed)?)
+    }
+
+    /// Deletes the pending-state files that were replaced more than `retention` ago (Delta
+    /// VACUUM). A rerun only ever reads the latest state, which VACUUM never touches; the
+    /// VACUUM's own commits carry the same progress record, so the latest commit still holds it.
+    pub async fn vacuum_state(
+        &self,
+        state: DeltaTable,
+        progress: &Progress,
+        retention: chrono::Duration,
+    ) -> Result<(DeltaTable, usize)> {
+        let props = CommitProperties::default().with_metadata([(
+            PROGRESS_KEY.to_string(),
+            serde_json::to_value(progress).expect("serializable"),
+        )]);
+        let (table, metrics) = state
+            .vacuum()
+            .with_retention_period(retention)
+            .with_enforce_retention_duration(false)
+            .with_commit_properties(props)
+            .await?;
+        Ok((table, metrics.files_deleted.len()))
     }
 
     /// Replaces the pending state and records the progress, in one Delta commit.

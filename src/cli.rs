@@ -3,8 +3,11 @@
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use std::collections::BTreeMap;
+
 use crate::config::{
     ByteSize, Collect, Dur, Mode, OnChangeCommit, OutputFormat, TableLocation, Tables,
+    parse_storage_option,
 };
 
 #[derive(Debug, Parser)]
@@ -22,9 +25,18 @@ pub struct Cli {
     /// More log output on stderr (-v info, -vv debug). RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
-    /// Only errors on stderr.
+    /// Only errors on stderr, and no progress bar.
     #[arg(short, long, global = true)]
     pub quiet: bool,
+    /// Log format on stderr: text for people, json (one object per line) for log shippers.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "SESSIONIZER_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
     /// Read flag values from this TOML file (top-level keys, then the `[env.NAME]` section).
     #[arg(long, global = true, env = "SESSIONIZER_CONFIG")]
     pub config: Option<std::path::PathBuf>,
@@ -33,6 +45,12 @@ pub struct Cli {
     pub environment: Option<String>,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -51,9 +69,11 @@ pub enum Command {
     #[command(after_help = "Example:\n  sessionizer read-tables --table sessions --limit 50")]
     ReadTables(ReadArgs),
     /// Where the checkpoint stands: versions processed and available, watermark, pending sessions.
-    #[command(after_help = "Example:\n  sessionizer status --output json")]
+    #[command(
+        after_help = "Exit status: 0 when the checkpoint is readable, 3 when there is none yet, 1 when it is corrupt.\n\nExample:\n  sessionizer status --output json"
+    )]
     Status(StatusArgs),
-    /// SQL over the tables: events, sessions, live, pending and late_events (those that exist).
+    /// SQL over the tables: events, sessions, live_sessions, pending and late_events.
     #[command(
         after_help = "Example:\n  sessionizer query \"SELECT avg(duration_ms) AS avg_ms FROM sessions\""
     )]
@@ -61,6 +81,20 @@ pub enum Command {
     /// The whole walkthrough on a fresh base directory, explaining each step.
     #[command(after_help = "Example:\n  sessionizer demo --base-dir /tmp/sessionizer-demo")]
     Demo(DemoArgs),
+    /// Compact small files, vacuum old ones and write Delta checkpoints, without breaking
+    /// exactly-once.
+    #[command(
+        after_help = "Example (daily, e.g. from cron):\n  sessionizer maintain --base-dir s3://lake/clicks --retention 7d"
+    )]
+    Maintain(MaintainArgs),
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Example:\n  sessionizer completions bash > /etc/bash_completion.d/sessionizer"
+    )]
+    Completions(CompletionsArgs),
+    /// Print the man page (roff) generated from these flags.
+    #[command(after_help = "Example:\n  sessionizer man > /usr/local/share/man/man1/sessionizer.1")]
+    Man,
 }
 
 /// Where the tables are. Every location defaults to a folder under `--base-dir`.
@@ -84,12 +118,17 @@ pub struct TableArgs {
     /// Keep late and invalid rows in this table (default: count them only).
     #[arg(long, env = "SESSIONIZER_LATE_EVENTS")]
     pub late_events: Option<TableLocation>,
+    /// Object-store option for every table, e.g. AWS_ENDPOINT_URL=http://localhost:9000
+    /// (repeatable; AWS_* environment variables are read too, these win).
+    #[arg(long = "storage-option", value_name = "KEY=VALUE", value_parser = parse_storage_option)]
+    pub storage_option: Vec<(String, String)>,
 }
 
 impl TableArgs {
     pub fn resolve(&self) -> Tables {
-        let base = &self.base_dir;
-        Tables {
+        let options: BTreeMap<String, String> = self.storage_option.iter().cloned().collect();
+        let base = &self.base_dir.clone().with_options(&options);
+        let tables = Tables {
             events: self.events.clone().unwrap_or_else(|| base.join("events")),
             sessions: self
                 .sessions
@@ -104,6 +143,13 @@ impl TableArgs {
                 .clone()
                 .unwrap_or_else(|| base.join("checkpoint")),
             late_events: self.late_events.clone(),
+        };
+        Tables {
+            events: tables.events.with_options(&options),
+            sessions: tables.sessions.with_options(&options),
+            live: tables.live.with_options(&options),
+            checkpoint: tables.checkpoint.with_options(&options),
+            late_events: tables.late_events.map(|l| l.with_options(&options)),
         }
     }
 }
@@ -219,7 +265,8 @@ pub enum QueryFormat {
 pub struct QueryArgs {
     #[command(flatten)]
     pub tables: TableArgs,
-    /// The SQL; tables are named events, sessions, live, pending, late_events.
+    /// The SQL; tables are named events, sessions, live_sessions (or live), pending and
+    /// late_events (those that exist).
     pub sql: String,
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
@@ -251,8 +298,40 @@ pub struct ReadArgs {
 pub struct StatusArgs {
     #[command(flatten)]
     pub tables: TableArgs,
+    /// Report format.
     #[arg(long, value_enum, default_value = "text")]
     pub output: OutputFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MaintainArgs {
+    #[command(flatten)]
+    pub tables: TableArgs,
+    /// Keep files replaced less than this long ago (readers of older versions may need them).
+    #[arg(long, env = "SESSIONIZER_RETENTION", default_value = "7d")]
+    pub retention: Dur,
+    /// Target size of compacted files (default: Delta's, about 100 MiB).
+    #[arg(long)]
+    pub target_file_size: Option<ByteSize>,
+    /// Skip compaction.
+    #[arg(long)]
+    pub no_optimize: bool,
+    /// Skip the vacuum.
+    #[arg(long)]
+    pub no_vacuum: bool,
+    /// Report format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: OutputFormat,
+    /// Take over a lock left by another run even if it has not expired.
+    #[arg(long)]
+    pub break_lock: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -263,4 +342,7 @@ pub struct DemoArgs {
     /// Run one reference job's scenario instead of the walkthrough.
     #[arg(long, value_enum)]
     pub scenario: Option<crate::commands::scenarios::Scenario>,
+    /// Object-store option, as for the other commands (repeatable).
+    #[arg(long = "storage-option", value_name = "KEY=VALUE", value_parser = parse_storage_option)]
+    pub storage_option: Vec<(String, String)>,
 }

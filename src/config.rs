@@ -5,6 +5,7 @@
 //! that names the flag, and nothing has been read or written yet. Environment variables
 //! (`SESSIONIZER_*`) are read by clap itself, below flags in precedence.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -120,15 +121,45 @@ impl fmt::Display for ByteSize {
     }
 }
 
-/// Where a table lives: a local path, `file://…`, or an object-store URL.
+/// Parses one `--storage-option KEY=VALUE`.
+pub fn parse_storage_option(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!(
+            "`{s}` is not KEY=VALUE; write it like AWS_ENDPOINT_URL=http://localhost:9000"
+        )),
+    }
+}
+
+/// Where a table lives: a local path, `file://…`, or an object-store URL, with the storage
+/// options (`--storage-option KEY=VALUE`) used to reach it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableLocation {
     url: Url,
+    options: BTreeMap<String, String>,
 }
 
 impl TableLocation {
     pub fn url(&self) -> &Url {
         &self.url
+    }
+    pub fn options(&self) -> &BTreeMap<String, String> {
+        &self.options
+    }
+    /// The same location, reached with these storage options.
+    pub fn with_options(mut self, options: &BTreeMap<String, String>) -> Self {
+        self.options = options.clone();
+        self
+    }
+    /// A Delta table builder for this location, with its storage options. `AWS_*` variables
+    /// in the environment are read by the S3 store itself; options given here win.
+    pub fn builder(&self) -> Result<deltalake::DeltaTableBuilder, deltalake::DeltaTableError> {
+        let builder = deltalake::DeltaTableBuilder::from_url(self.url.clone())?;
+        Ok(if self.options.is_empty() {
+            builder
+        } else {
+            builder.with_storage_options(self.options.clone().into_iter().collect())
+        })
     }
     /// The local directory, when the table is on the local filesystem.
     pub fn local_path(&self) -> Option<PathBuf> {
@@ -146,13 +177,17 @@ impl TableLocation {
             url: url
                 .join(&format!("{name}/"))
                 .expect("a plain child name joins"),
+            options: self.options.clone(),
         }
     }
     pub fn from_path(p: &Path) -> Result<Self, String> {
         let abs = std::path::absolute(p).map_err(|e| format!("`{}`: {e}", p.display()))?;
         let url = Url::from_directory_path(&abs)
             .map_err(|_| format!("`{}` is not a usable directory path", p.display()))?;
-        Ok(Self { url })
+        Ok(Self {
+            url,
+            options: BTreeMap::new(),
+        })
     }
 }
 
@@ -176,7 +211,10 @@ impl FromStr for TableLocation {
                 let p = format!("{}/", url.path());
                 url.set_path(&p);
             }
-            Ok(Self { url })
+            Ok(Self {
+                url,
+                options: BTreeMap::new(),
+            })
         } else {
             Self::from_path(Path::new(s))
         }

@@ -5,6 +5,7 @@
 //! | 0 | success, also when there was nothing new |
 //! | 1 | any other failure (I/O, a source commit that removes data, a corrupt checkpoint, …) |
 //! | 2 | usage or configuration error: a bad flag, a missing column, a path that is not a table |
+//! | 3 | `status`: there is no checkpoint at that location yet |
 //! | 75 | another run holds the checkpoint (EX_TEMPFAIL: retry later) |
 //! | 101 | a test failpoint fired (`SESSIONIZER_FAILPOINT`) |
 
@@ -17,6 +18,9 @@ pub enum Error {
     /// The flags, the config, or the tables they point at do not fit together.
     #[error("{0}")]
     Usage(String),
+    /// There is no checkpoint at the location (`status` reports it with its own exit code).
+    #[error("{0}")]
+    NoCheckpoint(String),
     /// Another run holds the checkpoint lock.
     #[error("{0}")]
     Locked(String),
@@ -44,6 +48,7 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Usage(_) => 2,
+            Error::NoCheckpoint(_) => 3,
             Error::Locked(_) => 75,
             _ => 1,
         }

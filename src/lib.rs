@@ -21,6 +21,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod failpoint;
+pub mod progress;
 pub mod sink;
 pub mod source;
 
@@ -38,5 +39,17 @@ pub async fn run(cli: cli::Cli, out: &mut dyn Write) -> Result<()> {
         Status(a) => commands::status::command(&a, out).await,
         Query(a) => commands::query::command(&a, out).await,
         Demo(a) => commands::demo::command(&a, out).await,
+        Maintain(a) => commands::maintain::command(&a, out).await,
+        Completions(a) => {
+            use clap::CommandFactory;
+            let mut cmd = cli::Cli::command();
+            clap_complete::generate(a.shell, &mut cmd, "sessionizer", out);
+            Ok(())
+        }
+        Man => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(cli::Cli::command()).render(out)?;
+            Ok(())
+        }
     }
 }

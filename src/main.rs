@@ -1,10 +1,11 @@
 //! The binary: parse flags, set up logging, run the library, map errors to exit codes.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use tracing_subscriber::EnvFilter;
 
+use sessionizer::cli::LogFormat;
 use sessionizer::config::{LayerError, parse_layered};
 
 fn main() -> ExitCode {
@@ -23,17 +24,23 @@ fn main() -> ExitCode {
     let level = match (cli.quiet, cli.verbose) {
         (true, _) => "error",
         // delta-rs logs expected conditions (a table not created yet, derived merge metrics)
-        // at warn/error; our own errors reach the user through the exit path instead.
-        (false, 0) => "warn,deltalake_core=error,buoyant_kernel=off",
+        // at warn/error; our own errors reach the user through the exit path instead. The run
+        // summary is always logged, so a scheduler's log keeps one line per run.
+        (false, 0) => "warn,sessionizer::summary=info,deltalake_core=error,buoyant_kernel=off",
         (false, 1) => "sessionizer=info,warn,buoyant_kernel=off",
         (false, _) => "sessionizer=debug,info",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(colour)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
+    sessionizer::progress::enable(!cli.quiet && std::io::stderr().is_terminal());
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -15,7 +15,7 @@ use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::{StructType, Transaction};
 use deltalake::protocol::SaveMode;
-use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError, TableProperty};
+use deltalake::{DeltaTable, DeltaTableError, TableProperty};
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use parquet::schema::types::ColumnPath;
@@ -33,7 +33,7 @@ pub async fn create_table(
         std::fs::create_dir_all(&p)?;
     }
     let kernel: StructType = schema.try_into_kernel()?;
-    let table = DeltaTableBuilder::from_url(loc.url().clone())?.build()?;
+    let table = loc.builder()?.build()?;
     let mut create = table.create().with_columns(kernel.fields().cloned());
     if append_only {
         create = create.with_configuration_property(TableProperty::AppendOnly, Some("true"));
@@ -47,9 +47,7 @@ pub async fn create_table(
 }
 
 async fn load(loc: &TableLocation) -> Result<DeltaTable> {
-    Ok(DeltaTableBuilder::from_url(loc.url().clone())?
-        .load()
-        .await?)
+    Ok(loc.builder()?.load().await?)
 }
 
 /// Opens an output table, creating it on first use; refuses one whose columns do not fit.

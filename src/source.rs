@@ -22,7 +22,7 @@ use datafusion::physical_expr::PhysicalExpr;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use deltalake::kernel::Action;
 use deltalake::logstore::{LogStoreRef, get_actions};
-use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
+use deltalake::{DeltaTable, DeltaTableError};
 use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStore;
 use object_store::path::Path;
@@ -71,12 +71,12 @@ pub async fn try_load(loc: &TableLocation) -> Result<Option<DeltaTable>> {
             return Ok(None);
         }
     } else {
-        let t = DeltaTableBuilder::from_url(loc.url().clone())?.build()?;
+        let t = loc.builder()?.build()?;
         if !t.verify_deltatable_existence().await? {
             return Ok(None);
         }
     }
-    match DeltaTableBuilder::from_url(loc.url().clone())?.load().await {
+    match loc.builder()?.load().await {
         Ok(t) => Ok(Some(t)),
         Err(DeltaTableError::NotATable(_)) | Err(DeltaTableError::InvalidTableLocation(_)) => {
             Ok(None)

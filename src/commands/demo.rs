@@ -15,15 +15,27 @@ use crate::error::Result;
 pub const DEMO_GAP: Dur = Dur::from_minutes(40);
 pub const DEMO_DELAY: Dur = Dur::from_minutes(15);
 
-/// Removes the demo's four tables under `base` (and nothing else).
-fn reset(base: &TableLocation) -> Result<()> {
+/// Removes the demo's four tables under `base` (and nothing else), locally or on a store.
+async fn reset(base: &TableLocation) -> Result<()> {
+    const TABLES: [&str; 4] = ["events", "sessions", "live_sessions", "checkpoint"];
     if let Some(p) = base.local_path() {
-        for name in ["events", "sessions", "live_sessions", "checkpoint"] {
+        for name in TABLES {
             let dir = p.join(name);
             if dir.exists() {
                 std::fs::remove_dir_all(&dir)?;
             }
         }
+        return Ok(());
+    }
+    use futures::{StreamExt, TryStreamExt};
+    let store = base.builder()?.build()?.object_store();
+    for name in TABLES {
+        let prefix = object_store::path::Path::from(name);
+        let paths = store
+            .list(Some(&prefix))
+            .map_ok(|meta| meta.location)
+            .boxed();
+        store.delete_stream(paths).try_collect::<Vec<_>>().await?;
     }
     Ok(())
 }
@@ -32,10 +44,16 @@ fn reset(base: &TableLocation) -> Result<()> {
 /// and validation as a user typing them.
 fn parse(base: &TableLocation, subcommand: &str, flags: &[&str]) -> Result<Command> {
     use clap::Parser;
+    let storage: Vec<String> = base
+        .options()
+        .iter()
+        .map(|(k, v)| format!("--storage-option={k}={v}"))
+        .collect();
     let base = base.to_string();
     let argv = ["sessionizer", subcommand, "--base-dir", base.as_str()]
         .into_iter()
-        .chain(flags.iter().copied());
+        .chain(flags.iter().copied())
+        .chain(storage.iter().map(String::as_str));
     crate::cli::Cli::try_parse_from(argv)
         .map(|cli| cli.command)
         .map_err(|e| crate::error::Error::usage(e.to_string()))
@@ -119,8 +137,9 @@ async fn scenario_demo(
 }
 
 pub async fn command(args: &DemoArgs, out: &mut dyn Write) -> Result<()> {
-    let base = &args.base_dir;
-    reset(base)?;
+    let options = args.storage_option.iter().cloned().collect();
+    let base = &args.base_dir.clone().with_options(&options);
+    reset(base).await?;
     if let Some(scenario) = args.scenario {
         return scenario_demo(base, scenario, out).await;
     }

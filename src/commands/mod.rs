@@ -2,6 +2,7 @@
 
 pub mod demo;
 pub mod generate_rows;
+pub mod maintain;
 pub mod query;
 pub mod read_tables;
 pub mod scenarios;

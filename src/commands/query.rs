@@ -1,7 +1,7 @@
 //! `sessionizer query`: SQL over the run's tables, with DataFusion.
 //!
-//! The tables that exist are registered as `events`, `sessions`, `live`, `pending` and
-//! `late_events`, so the questions the reference jobs answer by hand are one command, e.g.
+//! The tables that exist are registered as `events`, `sessions`, `live_sessions` (also as
+//! `live`), `pending` and `late_events`, so the questions the reference jobs answer by hand are one command, e.g.
 //! `SELECT avg(duration_ms) FROM sessions`.
 
 use std::io::Write;
@@ -23,7 +23,7 @@ pub async fn query(tables: &crate::config::Tables, sql: &str) -> Result<Vec<Reco
     let mut named: Vec<(&str, TableLocation)> = vec![
         ("events", tables.events.clone()),
         ("sessions", tables.sessions.clone()),
-        ("live", tables.live.clone()),
+        ("live_sessions", tables.live.clone()),
         ("pending", tables.checkpoint.join("state")),
     ];
     if let Some(l) = &tables.late_events {
@@ -32,7 +32,11 @@ pub async fn query(tables: &crate::config::Tables, sql: &str) -> Result<Vec<Reco
     let mut registered = Vec::new();
     for (name, loc) in named {
         if let Some(t) = crate::source::try_load(&loc).await? {
-            ctx.register_table(name, t.table_provider().await?)?;
+            let provider = t.table_provider().await?;
+            if name == "live_sessions" {
+                ctx.register_table("live", provider.clone())?;
+            }
+            ctx.register_table(name, provider)?;
             registered.push(name);
         }
     }

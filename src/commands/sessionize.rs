@@ -61,6 +61,28 @@ fn lap(t: &mut Instant) -> u64 {
 }
 
 impl RunSummary {
+    /// The summary as one structured log line (target `sessionizer::summary`), on by default.
+    pub fn log(&self) {
+        let p = &self.phases;
+        tracing::info!(
+            target: "sessionizer::summary",
+            source_versions = self.source_versions.as_deref().unwrap_or("none"),
+            batches = self.batches,
+            rows_read = self.rows_read,
+            rows_late = self.rows_late,
+            rows_invalid = self.rows_invalid,
+            sessions_closed = self.sessions_closed,
+            sessions_pending = self.sessions_pending,
+            live_rows_upserted = self.live_rows_upserted,
+            watermark = self.watermark.as_deref().unwrap_or("none"),
+            elapsed_ms = self.elapsed_ms,
+            read_ms = p.read,
+            sessionize_ms = p.sessionize,
+            write_ms = p.write_sessions + p.merge_live + p.write_state,
+            "sessionize finished"
+        );
+    }
+
     pub fn print(&self, format: OutputFormat, out: &mut dyn Write) -> std::io::Result<()> {
         match format {
             OutputFormat::Json => writeln!(
@@ -133,7 +155,7 @@ impl SessionizeArgs {
 pub async fn command(args: &SessionizeArgs, out: &mut dyn Write) -> Result<()> {
     let settings = args.settings()?;
     let summary = run(&settings).await?;
-    tracing::info!(?summary, "run finished");
+    summary.log();
     summary.print(settings.output, out)?;
     Ok(())
 }
@@ -296,6 +318,7 @@ async fn run_locked(
     };
     let mut summary = RunSummary::default();
     let (mut first_read, mut last_read) = (None, None);
+    let bar = crate::progress::bar((latest + 1).saturating_sub(next), "versions");
     loop {
         phases.plan += lap(&mut clock);
         let seq = progress.seq + 1;
@@ -357,12 +380,15 @@ async fn run_locked(
         }
 
         phases.plan += lap(&mut clock);
+        let files: usize = vfs.iter().map(|v| v.files.len()).sum();
+        bar.set_message(format!("batch {seq}: reading {files} files"));
         let batches = source::read_events(events.object_store(), &vfs, spec, read_plan).await?;
         // One contiguous batch, and the per-file batches freed before the engine works.
         let new_events = arrow::compute::concat_batches(&spec.normalized_schema(), &batches)?;
         drop(batches);
         phases.read += lap(&mut clock);
         failpoint::hit("after-read");
+        bar.set_message(format!("batch {seq}: sessionizing"));
         let out = engine.step(
             &pending,
             std::slice::from_ref(&new_events),
@@ -371,6 +397,7 @@ async fn run_locked(
         )?;
         drop(new_events);
         phases.sessionize += lap(&mut clock);
+        bar.set_message(format!("batch {seq}: writing"));
 
         let (s, _) =
             sink::append_once(sessions, &t.sessions, out.closed.clone(), &app_id, seq).await?;
@@ -423,10 +450,12 @@ async fn run_locked(
         progress = new_progress;
         pending = out.pending;
         next = progress.last_version.map_or(0, |v| v + 1);
+        bar.inc(vfs.len() as u64);
         if plan.flush {
             break;
         }
     }
+    bar.finish_and_clear();
     phases.plan += lap(&mut clock);
     summary.phases = phases;
     summary.source_versions = first_read.zip(last_read).map(|(a, b)| format!("{a}..{b}"));

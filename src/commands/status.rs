@@ -1,15 +1,25 @@
-//! `sessionizer status`: where the checkpoint stands.
+//! `sessionizer status`: where the checkpoint stands, for a person or a monitor.
+//!
+//! Exit 0 when the checkpoint is readable (whatever the lag), 3 when there is no checkpoint at
+//! that location yet, 1 when it is corrupt or unreadable.
 
 use std::io::Write;
 
+use chrono::{DateTime, NaiveDateTime, Utc};
+use deltalake::kernel::Action;
+use deltalake::logstore::{LogStoreRef, get_actions};
+use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
 use crate::checkpoint::Checkpoint;
 use crate::cli::StatusArgs;
 use crate::commands::sessionize::format_micros;
-use crate::config::OutputFormat;
+use crate::config::{Dur, OutputFormat};
 use crate::error::{Error, Result};
 use crate::source;
+
+/// How many of the newest unprocessed commits are looked at for the event-time lag.
+const LAG_SCAN_VERSIONS: u64 = 200;
 
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -18,6 +28,13 @@ pub struct Status {
     pub last_version_processed: Option<u64>,
     pub latest_version_available: Option<u64>,
     pub versions_behind: Option<u64>,
+    /// Largest event time processed (the watermark plus its delay).
+    pub max_event_time_processed: Option<String>,
+    /// Largest event time in the unprocessed commits, from their file statistics.
+    pub max_event_time_available: Option<String>,
+    /// How far the processed event time trails the available one, in seconds (0 when caught
+    /// up; null when the unprocessed files carry no statistics).
+    pub event_time_lag_seconds: Option<i64>,
     pub watermark: Option<String>,
     pub sessions_pending: u64,
     pub batches_committed: i64,
@@ -25,36 +42,102 @@ pub struct Status {
     pub lock: Option<String>,
 }
 
+fn missing(loc: &crate::config::TableLocation) -> Error {
+    Error::NoCheckpoint(format!(
+        "there is no checkpoint at `{loc}` yet; run `sessionizer sessionize` first, or check \
+         --checkpoint / --base-dir"
+    ))
+}
+
 pub async fn status(args: &StatusArgs) -> Result<Status> {
     let tables = args.tables.resolve();
-    let cp = Checkpoint::open(&tables.checkpoint, false)?;
-    if cp.identity().await?.is_none() {
-        return Err(Error::Checkpoint(format!(
-            "there is no checkpoint at `{}` yet; run `sessionizer sessionize` first, or check --checkpoint",
-            tables.checkpoint
-        )));
-    }
+    let cp = match Checkpoint::open(&tables.checkpoint, false) {
+        Ok(cp) => cp,
+        Err(Error::Usage(_)) => return Err(missing(&tables.checkpoint)),
+        Err(e) => return Err(e),
+    };
+    let Some(identity) = cp.identity().await? else {
+        return Err(missing(&tables.checkpoint));
+    };
     let state = cp.state_table().await?;
     let progress = cp.progress(state.as_ref()).await?;
-    let latest = match source::open_events(&tables.events).await {
-        Ok(t) => t.version(),
-        Err(_) => None,
+    let events = source::open_events(&tables.events).await.ok();
+    let latest = events.as_ref().and_then(|t| t.version());
+    let delay_us = identity
+        .watermark_delay
+        .parse::<Dur>()
+        .map(|d| d.as_micros())
+        .unwrap_or(0);
+    let processed_us = progress.watermark_us.map(|w| w + delay_us);
+    let first_unprocessed = progress.last_version.map_or(0, |v| v + 1);
+    let available_us = match (&events, latest) {
+        (Some(t), Some(l)) if l >= first_unprocessed => {
+            let from = first_unprocessed.max(l.saturating_sub(LAG_SCAN_VERSIONS - 1));
+            max_event_time(&t.log_store(), from, l, &identity.time_column).await
+        }
+        _ => None,
+    };
+    let caught_up = latest.is_some_and(|l| l < first_unprocessed);
+    let lag = if caught_up {
+        Some(0)
+    } else {
+        available_us.map(|a| ((a - processed_us.unwrap_or(a)).max(0)) / 1_000_000)
     };
     Ok(Status {
         checkpoint: tables.checkpoint.to_string(),
         events_table: tables.events.to_string(),
         last_version_processed: progress.last_version,
         latest_version_available: latest,
-        versions_behind: latest.map(|l| match progress.last_version {
-            Some(p) => l.saturating_sub(p),
-            None => l + 1,
-        }),
+        versions_behind: latest.map(|l| (l + 1).saturating_sub(first_unprocessed)),
+        max_event_time_processed: processed_us.map(format_micros),
+        max_event_time_available: available_us.map(format_micros),
+        event_time_lag_seconds: lag,
         watermark: progress.watermark_us.map(format_micros),
         sessions_pending: progress.sessions_pending,
         batches_committed: progress.seq,
         last_run_at: progress.committed_at,
         lock: cp.lock_holder().await?,
     })
+}
+
+/// The largest `maxValues[time_column]` over the files added by versions `from..=to`.
+async fn max_event_time(log: &LogStoreRef, from: u64, to: u64, column: &str) -> Option<i64> {
+    let maxima: Vec<Option<i64>> = futures::stream::iter(from..=to)
+        .map(|v| async move {
+            let Some(bytes) = log.read_commit_entry(v).await? else {
+                return Ok::<_, deltalake::DeltaTableError>(None);
+            };
+            Ok(get_actions(v, &bytes)?
+                .into_iter()
+                .filter_map(|a| match a {
+                    Action::Add(add) if add.data_change => add.stats,
+                    _ => None,
+                })
+                .filter_map(|stats| stats_max_us(&stats, column))
+                .max())
+        })
+        .buffer_unordered(16)
+        .try_collect()
+        .await
+        .ok()?;
+    maxima.into_iter().flatten().max()
+}
+
+/// Reads a file's maximum event time from its Delta statistics: a timestamp string, or a
+/// number of epoch milliseconds.
+fn stats_max_us(stats: &str, column: &str) -> Option<i64> {
+    let v: serde_json::Value = serde_json::from_str(stats).ok()?;
+    match v.get("maxValues")?.get(column)? {
+        serde_json::Value::Number(n) => n.as_i64().map(|ms| ms * 1000),
+        serde_json::Value::String(s) => DateTime::parse_from_rfc3339(s)
+            .map(|t| t.with_timezone(&Utc))
+            .or_else(|_| {
+                NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f").map(|t| t.and_utc())
+            })
+            .ok()
+            .map(|t| t.timestamp_micros()),
+        _ => None,
+    }
 }
 
 pub async fn command(args: &StatusArgs, out: &mut dyn Write) -> Result<()> {
@@ -66,29 +149,46 @@ pub async fn command(args: &StatusArgs, out: &mut dyn Write) -> Result<()> {
         OutputFormat::Text => {
             let o = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
             let n = |v: Option<u64>| v.map_or("-".into(), |v| v.to_string());
-            writeln!(out, "checkpoint:               {}", s.checkpoint)?;
-            writeln!(out, "events table:             {}", s.events_table)?;
-            writeln!(
-                out,
-                "last version processed:   {}",
-                n(s.last_version_processed)
-            )?;
-            writeln!(
-                out,
-                "latest version available: {}",
-                n(s.latest_version_available)
-            )?;
-            writeln!(out, "versions behind:          {}", n(s.versions_behind))?;
-            writeln!(out, "watermark:                {}", o(&s.watermark))?;
-            writeln!(out, "pending sessions:         {}", s.sessions_pending)?;
-            writeln!(out, "batches committed:        {}", s.batches_committed)?;
-            writeln!(out, "last run at:              {}", o(&s.last_run_at))?;
-            writeln!(
-                out,
-                "lock:                     {}",
-                s.lock.clone().unwrap_or_else(|| "free".into())
-            )?;
+            let rows = [
+                ("checkpoint", s.checkpoint.clone()),
+                ("events table", s.events_table.clone()),
+                ("last version processed", n(s.last_version_processed)),
+                ("latest version available", n(s.latest_version_available)),
+                ("versions behind", n(s.versions_behind)),
+                ("max event time processed", o(&s.max_event_time_processed)),
+                ("max event time available", o(&s.max_event_time_available)),
+                (
+                    "event-time lag",
+                    s.event_time_lag_seconds
+                        .map_or("-".into(), |l| format!("{l} s")),
+                ),
+                ("watermark", o(&s.watermark)),
+                ("pending sessions", s.sessions_pending.to_string()),
+                ("batches committed", s.batches_committed.to_string()),
+                ("last run at", o(&s.last_run_at)),
+                ("lock", s.lock.clone().unwrap_or_else(|| "free".into())),
+            ];
+            for (name, value) in rows {
+                writeln!(out, "{:<27}{value}", format!("{name}:"))?;
+            }
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stats_max_us;
+
+    #[test]
+    fn reads_the_max_event_time_of_each_stats_flavour() {
+        let ts = r#"{"numRecords":2,"maxValues":{"visit_time":"2026-01-02T03:04:05.123Z"}}"#;
+        assert_eq!(stats_max_us(ts, "visit_time"), Some(1_767_323_045_123_000));
+        let ntz = r#"{"maxValues":{"t":"2026-01-02T03:04:05.123"}}"#;
+        assert_eq!(stats_max_us(ntz, "t"), Some(1_767_323_045_123_000));
+        let ms = r#"{"maxValues":{"t":1767323045123}}"#;
+        assert_eq!(stats_max_us(ms, "t"), Some(1_767_323_045_123_000));
+        assert_eq!(stats_max_us(ms, "other"), None);
+        assert_eq!(stats_max_us("not json", "t"), None);
+    }
 }

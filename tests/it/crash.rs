@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::util::*;
 
 /// History before the interrupted run: two commits whose sessions stay pending.
-fn prepare(base: &Base) {
+pub fn prepare(base: &Base) {
     base.gen_at("2026-02-15T10:00:00Z");
     base.gen_at("2026-02-15T10:05:00Z");
     base.ok(&["sessionize"]);
@@ -19,7 +19,7 @@ fn prepare(base: &Base) {
     base.ok(&["generate-rows", "--closing"]);
 }
 
-const RUN: &[&str] = &[
+pub const RUN: &[&str] = &[
     "sessionize",
     "--max-files-per-batch",
     "1",
@@ -27,13 +27,13 @@ const RUN: &[&str] = &[
     "json",
 ];
 
-struct Snapshot {
-    sessions: Vec<String>,
+pub struct Snapshot {
+    pub sessions: Vec<String>,
     live: Vec<String>,
     pending: Vec<String>,
 }
 
-fn snapshot(base: &Base) -> Snapshot {
+pub fn snapshot(base: &Base) -> Snapshot {
     let dup = sql(
         &base.table("sessions"),
         "SELECT session_id, count(*) FROM t GROUP BY session_id HAVING count(*) > 1",
@@ -46,7 +46,7 @@ fn snapshot(base: &Base) -> Snapshot {
     }
 }
 
-fn assert_same(clean: &Snapshot, other: &Snapshot, what: &str) {
+pub fn assert_same(clean: &Snapshot, other: &Snapshot, what: &str) {
     assert_eq!(
         clean.sessions, other.sessions,
         "sessions differ after {what}"
@@ -55,7 +55,7 @@ fn assert_same(clean: &Snapshot, other: &Snapshot, what: &str) {
     assert_eq!(clean.pending, other.pending, "pending differs after {what}");
 }
 
-fn clean_run() -> Snapshot {
+pub fn clean_run() -> Snapshot {
     let base = Base::new();
     prepare(&base);
     let s = base.ok(RUN).json();

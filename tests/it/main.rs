@@ -8,6 +8,8 @@ mod batches;
 mod crash;
 mod lock;
 mod models;
+mod ops;
+mod s3;
 mod source_commits;
 mod util;
 mod walkthrough;
