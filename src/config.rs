@@ -532,7 +532,12 @@ where
                         other => other.to_string(),
                     })
                     .collect();
-                argv.push(format!("--{flag}={}", parts.join(",")).into());
+                if matches!(arg.get_action(), clap::ArgAction::Append) {
+                    // A repeatable flag (`--storage-option`): once per item.
+                    argv.extend(parts.iter().map(|p| format!("--{flag}={p}").into()));
+                } else {
+                    argv.push(format!("--{flag}={}", parts.join(",")).into());
+                }
             }
             other => {
                 return Err(LayerError::Usage(format!(
@@ -598,4 +603,47 @@ pub enum LayerError {
     Clap(#[from] clap::Error),
     #[error("{0}")]
     Usage(String),
+}
+
+#[cfg(test)]
+mod layer_tests {
+    use super::parse_layered;
+    use crate::cli::Command;
+
+    #[test]
+    fn a_repeatable_flag_from_a_file_keeps_its_items_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("s.toml");
+        std::fs::write(
+            &file,
+            "[env.prod]\nbase-dir = \"s3://lake/clicks\"\nstorage-option = [\"AWS_ENDPOINT_URL=http://minio:9000\", \"AWS_ALLOW_HTTP=true\"]\n",
+        )
+        .unwrap();
+        let cli = parse_layered([
+            "sessionizer",
+            "status",
+            "--config",
+            file.to_str().unwrap(),
+            "--env",
+            "prod",
+        ])
+        .unwrap_or_else(|_| panic!("parses"));
+        let Command::Status(args) = cli.command else {
+            panic!("status")
+        };
+        let events = args.tables.resolve().events;
+        assert_eq!(events.url().as_str(), "s3://lake/clicks/events/");
+        let opts: Vec<(&str, &str)> = events
+            .options()
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            opts,
+            [
+                ("AWS_ALLOW_HTTP", "true"),
+                ("AWS_ENDPOINT_URL", "http://minio:9000")
+            ]
+        );
+    }
 }
