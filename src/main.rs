@@ -8,6 +8,9 @@ use tracing_subscriber::EnvFilter;
 use sessionizer::cli::LogFormat;
 use sessionizer::config::{LayerError, parse_layered};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = match parse_layered(std::env::args_os()) {
         Ok(c) => c,

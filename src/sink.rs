@@ -139,14 +139,78 @@ pub async fn committed_or_recheck(
     }
 }
 
-/// Parquet settings for appends: Snappy as delta-rs does by default, but no dictionary for the
-/// session id, whose values are all distinct (a dictionary there only costs time).
-fn append_writer_properties() -> WriterProperties {
+/// Parquet settings for appends: Snappy as delta-rs does by default, no dictionary for
+/// integer and timestamp columns (their values are nearly all distinct, so a dictionary is
+/// built and then abandoned), and neither dictionary nor compression for the session id, a
+/// random hex string that neither can shrink.
+pub fn append_writer_properties(schema: &Schema) -> WriterProperties {
     let mut b = WriterProperties::builder().set_compression(Compression::SNAPPY);
+    if let Ok(descr) = parquet::arrow::ArrowSchemaConverter::new().convert(schema) {
+        for col in descr.columns() {
+            if matches!(
+                col.physical_type(),
+                parquet::basic::Type::INT64 | parquet::basic::Type::INT32
+            ) {
+                b = b.set_column_dictionary_enabled(col.path().clone(), false);
+            }
+        }
+    }
     for id in ["session_id", "session_uid"] {
-        b = b.set_column_dictionary_enabled(ColumnPath::from(id), false);
+        b = b
+            .set_column_dictionary_enabled(ColumnPath::from(id), false)
+            .set_column_compression(ColumnPath::from(id), Compression::UNCOMPRESSED);
     }
     b.build()
+}
+
+/// Appends `batch` in one commit carrying `props`, encoding its Parquet files on every core:
+/// the rows are cut into one slice per core, each written by its own writer task, and the
+/// files are committed together. (delta-rs's `write` encodes one in-memory batch on one
+/// thread.)
+async fn append_parallel(
+    table: DeltaTable,
+    batch: RecordBatch,
+    props: CommitProperties,
+) -> std::result::Result<DeltaTable, DeltaTableError> {
+    use deltalake::kernel::Action;
+    use deltalake::kernel::transaction::CommitBuilder;
+    use deltalake::protocol::DeltaOperation;
+    use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+
+    let n = batch.num_rows();
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    // Below a few hundred thousand rows one writer is as fast and makes one file.
+    let parts = (n / 250_000).clamp(1, cores);
+    let chunk = n.div_ceil(parts);
+    let wp = append_writer_properties(&batch.schema());
+    let mut tasks = Vec::with_capacity(parts);
+    for start in (0..n).step_by(chunk) {
+        let slice = batch.slice(start, chunk.min(n - start));
+        let mut writer = RecordBatchWriter::for_table(&table)?.with_writer_properties(wp.clone());
+        tasks.push(tokio::spawn(async move {
+            writer.write(slice).await?;
+            writer.flush().await
+        }));
+    }
+    let mut actions = Vec::new();
+    for task in tasks {
+        let adds = task
+            .await
+            .map_err(|e| DeltaTableError::Generic(format!("a writer task failed: {e}")))??;
+        actions.extend(adds.into_iter().map(Action::Add));
+    }
+    let operation = DeltaOperation::Write {
+        mode: SaveMode::Append,
+        partition_by: None,
+        predicate: None,
+    };
+    let committed = CommitBuilder::from(props)
+        .with_actions(actions)
+        .build(Some(table.snapshot()?), table.log_store(), operation)
+        .await?;
+    let mut table = table;
+    table.load_version(committed.version()).await?;
+    Ok(table)
 }
 
 fn txn_props(app_id: &str, seq: i64) -> CommitProperties {
@@ -169,12 +233,7 @@ pub async fn append_once(
         tracing::info!("{loc} already holds batch {seq}; skipping (replay after a crash)");
         return Ok((table, false));
     }
-    let result = table
-        .write(vec![batch])
-        .with_save_mode(SaveMode::Append)
-        .with_writer_properties(append_writer_properties())
-        .with_commit_properties(txn_props(app_id, seq))
-        .await;
+    let result = append_parallel(table, batch, txn_props(app_id, seq)).await;
     Ok((committed_or_recheck(result, loc, app_id, seq).await?, true))
 }
 

@@ -74,6 +74,46 @@ pub struct StepOutput {
     pub metrics: StepMetrics,
 }
 
+/// Row classes of a step's new events, as masks over its rows.
+pub(crate) struct Classes {
+    /// Rows folded into sessions.
+    pub good: BooleanArray,
+    pub null_key: BooleanArray,
+    pub null_time: BooleanArray,
+    /// `null_key | null_time`.
+    pub invalid: BooleanArray,
+    /// Older than the watermark (may overlap `invalid`, which wins).
+    pub late: BooleanArray,
+}
+
+impl Classes {
+    fn invalid_count(&self) -> usize {
+        self.invalid.true_count()
+    }
+    fn late_count(&self) -> usize {
+        self.late.true_count()
+            - self
+                .late
+                .values()
+                .iter()
+                .zip(self.invalid.values().iter())
+                .filter(|(l, i)| *l && *i)
+                .count()
+    }
+    /// Why row `i` was rejected, if it was.
+    pub fn reason(&self, i: usize) -> Option<&'static str> {
+        if self.null_key.value(i) {
+            Some(REASON_NULL_KEY)
+        } else if self.null_time.value(i) {
+            Some(REASON_NULL_TIME)
+        } else if self.late.value(i) {
+            Some(REASON_LATE)
+        } else {
+            None
+        }
+    }
+}
+
 /// The engine: the event layout plus the session rules. Cheap to clone, holds no data.
 #[derive(Debug, Clone)]
 pub struct Engine {
@@ -114,14 +154,12 @@ impl Engine {
             ..Default::default()
         };
 
-        // 1. Classify the new rows: null key, null time, late, or good.
-        let (good_mask, reasons) = self.classify(&events, watermark)?;
-        let rejected = output::rejected_rows(&events, &good_mask, &reasons)?;
-        metrics.rows_invalid = reasons
-            .iter()
-            .filter(|r| matches!(r, Some(x) if *x != REASON_LATE))
-            .count() as u64;
-        metrics.rows_late = reasons.iter().filter(|r| *r == &Some(REASON_LATE)).count() as u64;
+        // 1. Classify the new rows: null key, null time, late, or good (whole-column masks).
+        let class = self.classify(&events, watermark)?;
+        let rejected = output::rejected_rows(&events, &class)?;
+        metrics.rows_invalid = class.invalid_count() as u64;
+        metrics.rows_late = class.late_count() as u64;
+        let good_mask = class.good;
 
         // 2. Advance the watermark from every row with a time (late rows cannot move it
         //    anyway: they are older than the watermark already).
@@ -306,17 +344,19 @@ impl Engine {
         })
     }
 
-    /// Returns the mask of rows to fold and, per row, why a row is rejected.
+    /// The masks of rows to fold and of each reason to reject one.
     fn classify(
         &self,
         events: &RecordBatch,
         watermark: Option<i64>,
-    ) -> Result<(BooleanArray, Vec<Option<&'static str>>), ArrowError> {
+    ) -> Result<Classes, ArrowError> {
         let n = events.num_rows();
         let mut null_key = BooleanArray::from(vec![false; n]);
         for k in &self.spec.key_columns {
             let col = events.column_by_name(k).expect("key column");
-            null_key = or(&null_key, &is_null(col)?)?;
+            if col.null_count() > 0 {
+                null_key = or(&null_key, &is_null(col)?)?;
+            }
         }
         let times = events.column_by_name(TIME_COL).expect("time column");
         let null_time = is_null(times)?;
@@ -324,26 +364,21 @@ impl Engine {
             Some(w) => lt(times, &Int64Array::new_scalar(w))?,
             None => BooleanArray::from(vec![false; n]),
         };
-        let mut reasons = Vec::with_capacity(n);
-        for i in 0..n {
-            reasons.push(if null_key.value(i) {
-                Some(REASON_NULL_KEY)
-            } else if null_time.value(i) {
-                Some(REASON_NULL_TIME)
-            } else if late.is_valid(i) && late.value(i) {
-                Some(REASON_LATE)
-            } else {
-                None
-            });
-        }
-        // `late` is null where the time is null; those rows are already covered by null_time.
+        // `late` is null where the time is null; those rows are covered by null_time.
         let late = if late.null_count() > 0 {
             arrow::compute::prep_null_mask_filter(&late)
         } else {
             late
         };
-        let good = not(&or(&or(&null_key, &null_time)?, &late)?)?;
-        Ok((good, reasons))
+        let invalid = or(&null_key, &null_time)?;
+        let good = not(&or(&invalid, &late)?)?;
+        Ok(Classes {
+            good,
+            null_key,
+            null_time,
+            invalid,
+            late,
+        })
     }
 
     /// The permutation that sorts `batch` by (key, time, commit version, file, row).

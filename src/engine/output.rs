@@ -8,8 +8,8 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, Float64Array, Int64Array, ListArray, RecordBatch,
-    StringArray, StructArray, TimestampMicrosecondArray, UInt32Array,
+    Array, ArrayRef, AsArray, Float64Array, Int64Array, ListArray, RecordBatch, StringArray,
+    StructArray, TimestampMicrosecondArray, UInt32Array,
 };
 use arrow::buffer::OffsetBuffer;
 use arrow::compute::{filter_record_batch, not, take};
@@ -339,12 +339,16 @@ pub(super) fn live_rows(
 /// The rows that were not folded, with their reason.
 pub(super) fn rejected_rows(
     events: &RecordBatch,
-    good: &BooleanArray,
-    reasons: &[Option<&'static str>],
+    class: &super::Classes,
 ) -> Result<RecordBatch, ArrowError> {
-    let bad = not(good)?;
+    let bad = not(&class.good)?;
     let rows = filter_record_batch(events, &bad)?;
-    let reason = StringArray::from_iter_values(reasons.iter().flatten().copied());
+    let mut reason =
+        arrow::array::StringBuilder::with_capacity(rows.num_rows(), rows.num_rows() * 8);
+    for i in arrow::compute::SlicesIterator::new(&bad).flat_map(|(a, b)| a..b) {
+        reason.append_value(class.reason(i).expect("a rejected row has a reason"));
+    }
+    let reason = reason.finish();
     let mut fields: Vec<Arc<Field>> = rows.schema().fields().iter().cloned().collect();
     fields.push(field("reason", DataType::Utf8, true));
     let mut cols = rows.columns().to_vec();
