@@ -119,11 +119,17 @@ impl Classes {
 pub struct Engine {
     pub spec: EventSpec,
     pub rules: SessionRules,
+    /// Batches of at least this many rows are folded in key shards on their own threads.
+    pub shard_min_rows: usize,
 }
 
 impl Engine {
     pub fn new(spec: EventSpec, rules: SessionRules) -> Self {
-        Self { spec, rules }
+        Self {
+            spec,
+            rules,
+            shard_min_rows: SHARD_MIN_ROWS,
+        }
     }
 
     /// Runs one batch.
@@ -192,6 +198,60 @@ impl Engine {
         } else {
             concat_batches(&schema, [&pending, &good])?
         };
+        let folded = if all.num_rows() < self.shard_min_rows.max(1) {
+            self.fold(&all, pending_rows, new_watermark, flush)?
+        } else {
+            // Keys never interact, so large batches are cut into key shards folded on their
+            // own threads. The shard count is fixed (not the machine's core count), so the
+            // output is the same everywhere.
+            let shards = shard_by_key(&all, &self.spec.key_columns, pending_rows, SHARDS)?;
+            drop(all);
+            let results: Vec<Result<Folded, ArrowError>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = shards
+                    .iter()
+                    .map(|(batch, pending)| {
+                        scope.spawn(move || self.fold(batch, *pending, new_watermark, flush))
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("a shard thread panicked"))
+                    .collect()
+            });
+            drop(shards);
+            let parts: Vec<Folded> = results.into_iter().collect::<Result<_, _>>()?;
+            let cat = |f: fn(&Folded) -> &RecordBatch| -> Result<RecordBatch, ArrowError> {
+                concat_batches(&f(&parts[0]).schema(), parts.iter().map(f))
+            };
+            Folded {
+                closed: cat(|p| &p.closed)?,
+                live: cat(|p| &p.live)?,
+                pending: cat(|p| &p.pending)?,
+                open_count: parts.iter().map(|p| p.open_count).sum(),
+            }
+        };
+        metrics.sessions_closed = folded.closed.num_rows() as u64;
+        metrics.sessions_pending = folded.open_count;
+        Ok(StepOutput {
+            closed: folded.closed,
+            pending: folded.pending,
+            live: folded.live,
+            rejected,
+            watermark: new_watermark,
+            metrics,
+        })
+    }
+
+    /// Sorts `all` (its first `pending_rows` rows are pending events, the rest new) and cuts
+    /// it into sessions or pairs.
+    fn fold(
+        &self,
+        all: &RecordBatch,
+        pending_rows: usize,
+        new_watermark: Option<i64>,
+        flush: bool,
+    ) -> Result<Folded, ArrowError> {
+        let schema = self.spec.normalized_schema();
         let sorted_idx = self.sort_indices(&all)?;
         // Only the narrow columns the rules read are put in order; the collected columns (page
         // strings, the widest part of an event) are gathered once, for closed sessions and
@@ -232,17 +292,12 @@ impl Engine {
         } else {
             self.cut_sessions(&sorted, &unsorted, &ranges, &is_new, new_watermark, flush)?
         };
-        metrics.sessions_closed = cut.closed.num_rows() as u64;
-        metrics.sessions_pending = cut.open_count;
-        let pending_out = take_record_batch(&all, &unsorted.rows(cut.pending_rows.into_iter()))?;
-
-        Ok(StepOutput {
+        let pending = take_record_batch(all, &unsorted.rows(cut.pending_rows.into_iter()))?;
+        Ok(Folded {
             closed: cut.closed,
-            pending: pending_out,
             live: cut.live,
-            rejected,
-            watermark: new_watermark,
-            metrics,
+            pending,
+            open_count: cut.open_count,
         })
     }
 
@@ -487,6 +542,64 @@ fn flag_column<'a>(batch: &'a RecordBatch, name: &str) -> &'a BooleanArray {
 }
 
 /// What cutting one step's sorted events produced.
+/// What folding one batch (or one key shard of it) gives.
+struct Folded {
+    closed: RecordBatch,
+    live: RecordBatch,
+    pending: RecordBatch,
+    open_count: u64,
+}
+
+/// Batches with fewer rows are folded on one thread.
+const SHARD_MIN_ROWS: usize = 1_000_000;
+/// Key shards of a large batch.
+const SHARDS: usize = 2;
+
+/// Splits `all` into `n` batches by a hash of the key columns, keeping row order within each
+/// (so each shard's pending rows still come first). Returns each shard with its count of
+/// pending rows.
+fn shard_by_key(
+    all: &RecordBatch,
+    keys: &[String],
+    pending_rows: usize,
+    n: usize,
+) -> Result<Vec<(RecordBatch, usize)>, ArrowError> {
+    let cols: Vec<ArrayRef> = keys
+        .iter()
+        .map(|k| all.column_by_name(k).expect("key column").clone())
+        .collect();
+    let rows = all.num_rows();
+    let shard_of: Vec<u8> = match cols.as_slice() {
+        [one] if one.data_type() == &DataType::Int64 => {
+            let v = one
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .expect("Int64")
+                .values();
+            v.iter()
+                .map(|&k| ((k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % n)
+                .map(|s| s as u8)
+                .collect()
+        }
+        _ => {
+            let mut buf = Vec::with_capacity(64);
+            (0..rows)
+                .map(|r| (output::key_hash(&mut buf, &cols, r) % n as u64) as u8)
+                .collect()
+        }
+    };
+    let mut out = Vec::with_capacity(n);
+    for shard in 0..n as u8 {
+        let idx: Vec<u32> = (0..rows as u32)
+            .filter(|&r| shard_of[r as usize] == shard)
+            .collect();
+        let pending = idx.partition_point(|&r| (r as usize) < pending_rows);
+        let idx = arrow::array::UInt32Array::from(idx);
+        out.push((take_record_batch(all, &idx)?, pending));
+    }
+    Ok(out)
+}
+
 struct Cut {
     closed: RecordBatch,
     live: RecordBatch,

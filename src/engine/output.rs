@@ -129,6 +129,15 @@ fn hex_id(buf: &mut Vec<u8>, keys: &[ArrayRef], row: usize, instants: &[i64]) ->
     HexId(out)
 }
 
+/// A 64-bit hash of the key values of `row` (for sharding), reusing `buf`.
+pub(super) fn key_hash(buf: &mut Vec<u8>, keys: &[ArrayRef], row: usize) -> u64 {
+    buf.clear();
+    for k in keys {
+        encode_key(k.as_ref(), row, buf);
+    }
+    twox_hash::XxHash3_64::oneshot(buf)
+}
+
 /// 32 lowercase hex digits.
 struct HexId([u8; 32]);
 

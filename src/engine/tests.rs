@@ -653,18 +653,20 @@ proptest! {
             .collect();
 
         let e = engine_with(gap_min, delay, max_min);
+        // The incremental runs fold in key shards (as large batches do); the batch run not.
+        let sharded = Engine { shard_min_rows: 1, ..e.clone() };
         // Incremental: a run every `runs_per_commit` commits, then a flush.
         let mut pending = empty();
         let mut wm = None;
         let mut closed = Vec::new();
         for chunk in commits.chunks(runs_per_commit) {
-            let out = e.step(&pending, chunk, wm, false).unwrap();
+            let out = sharded.step(&pending, chunk, wm, false).unwrap();
             prop_assert_eq!(out.metrics.rows_late, 0);
             closed.extend(sessions(&out.closed));
             pending = out.pending;
             wm = out.watermark;
         }
-        let out = e.step(&pending, &[], wm, true).unwrap();
+        let out = sharded.step(&pending, &[], wm, true).unwrap();
         closed.extend(sessions(&out.closed));
         prop_assert_eq!(out.pending.num_rows(), 0);
         closed.sort();
@@ -827,6 +829,7 @@ proptest! {
     ) {
         // A timeout longer than the whole history: rows are decided by events alone.
         let e = pairs_engine(10, 100_000);
+        let sharded = Engine { shard_min_rows: 1, ..e.clone() };
         let mut evs: Vec<(i64, i64, char)> = raw.iter().map(|&(k, m, c)| (k, m * MIN + k, c)).collect();
         evs.sort_by_key(|e| e.1);
         let mut arrival: Vec<(i64, (i64, i64, char))> = evs
@@ -847,13 +850,13 @@ proptest! {
             .collect();
         let (mut pending, mut wm, mut closed) = (empty(), None, Vec::new());
         for c in &commits {
-            let out = e.step(&pending, std::slice::from_ref(c), wm, false).unwrap();
+            let out = sharded.step(&pending, std::slice::from_ref(c), wm, false).unwrap();
             prop_assert_eq!(out.metrics.rows_late, 0);
             closed.extend(pair_rows(&out.closed));
             pending = out.pending;
             wm = out.watermark;
         }
-        let out = e.step(&pending, &[], wm, true).unwrap();
+        let out = sharded.step(&pending, &[], wm, true).unwrap();
         closed.extend(pair_rows(&out.closed));
         closed.sort();
         let batch = pair_rows(&e.step(&empty(), &commits, None, true).unwrap().closed);
