@@ -8,6 +8,7 @@
 use std::io::Write;
 use std::time::Instant;
 
+use arrow::array::RecordBatch;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
@@ -389,13 +390,15 @@ async fn run_locked(
         phases.read += lap(&mut clock);
         failpoint::hit("after-read");
         bar.set_message(format!("batch {seq}: sessionizing"));
-        let out = engine.step(
-            &pending,
-            std::slice::from_ref(&new_events),
+        let out = engine.step_owned(
+            std::mem::replace(
+                &mut pending,
+                RecordBatch::new_empty(spec.normalized_schema()),
+            ),
+            new_events,
             progress.watermark_us,
             plan.flush,
         )?;
-        drop(new_events);
         phases.sessionize += lap(&mut clock);
         bar.set_message(format!("batch {seq}: writing"));
 

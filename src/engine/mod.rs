@@ -150,10 +150,23 @@ impl Engine {
             [one] => one.clone(),
             many => concat_batches(&schema, many)?,
         };
+        self.step_owned(pending.clone(), events, watermark, flush)
+    }
+
+    /// [`Engine::step`] on batches it owns: the input buffers are freed as soon as the sorted
+    /// shards are built, which keeps a large batch's peak memory down.
+    pub fn step_owned(
+        &self,
+        pending: RecordBatch,
+        events: RecordBatch,
+        watermark: Option<i64>,
+        flush: bool,
+    ) -> Result<StepOutput, ArrowError> {
+        let schema = self.spec.normalized_schema();
         let pending = if pending.num_rows() == 0 {
             RecordBatch::new_empty(schema.clone())
         } else {
-            pending.clone()
+            pending
         };
         let mut metrics = StepMetrics {
             rows_read: events.num_rows() as u64,
@@ -190,13 +203,17 @@ impl Engine {
         let good = if keep.true_count() == events.num_rows() {
             events
         } else {
-            filter_record_batch(&events, &keep)?
+            let good = filter_record_batch(&events, &keep)?;
+            drop(events);
+            good
         };
         let pending_rows = pending.num_rows();
         let all = if pending_rows == 0 {
             good
         } else {
-            concat_batches(&schema, [&pending, &good])?
+            let all = concat_batches(&schema, [&pending, &good])?;
+            drop((pending, good));
+            all
         };
         let folded = if all.num_rows() < self.shard_min_rows.max(1) {
             self.fold(&all, pending_rows, new_watermark, flush)?
@@ -252,7 +269,7 @@ impl Engine {
         flush: bool,
     ) -> Result<Folded, ArrowError> {
         let schema = self.spec.normalized_schema();
-        let sorted_idx = self.sort_indices(&all)?;
+        let sorted_idx = self.sort_indices(all)?;
         // Only the narrow columns the rules read are put in order; the collected columns (page
         // strings, the widest part of an event) are gathered once, for closed sessions and
         // pending rows, straight from the unsorted batch through the permutation.
@@ -265,7 +282,7 @@ impl Engine {
             .collect();
         let sorted = take_record_batch(&all.project(&narrow)?, &sorted_idx)?;
         let unsorted = output::Unsorted {
-            all: &all,
+            all,
             perm: sorted_idx.values(),
         };
         // For each sorted row: did it arrive in this batch?
