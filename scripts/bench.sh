@@ -63,6 +63,9 @@ echo "bench: generating $EVENTS events of $USERS users in $COMMITS commits under
 start=$(date +%s.%N)
 "$BIN" generate-rows --base-dir "$BASE" --rows "$EVENTS" --commits "$COMMITS" --users "$USERS" --seed "$SEED" --at "$AT" >&2
 echo "bench: generated in $(python3 -c "print(f'{$(date +%s.%N) - $start:.1f}')") s" >&2
+# Let the generated files reach the disk first: a real backlog was written long before the run,
+# and write-back of freshly generated files otherwise lands in the read phase (seconds here).
+sync
 
 echo "| run | events | closed | pending | wall s | events/s | peak RSS MiB | plan | read | sessionize | write_sessions | merge_live | write_state | commit |"
 echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
