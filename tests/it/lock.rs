@@ -1,9 +1,6 @@
 //! Two runs on one checkpoint: one proceeds, the other exits 75 having written nothing.
 //! Stale locks (dead holder, expired heartbeat) are taken over; --break-lock forces it.
 
-use std::process::Command;
-use std::time::{Duration, Instant};
-
 use crate::util::*;
 
 fn write_lock(base: &Base, host: &str, pid: u32, expires: chrono::DateTime<chrono::Utc>) {
@@ -34,22 +31,7 @@ fn a_second_concurrent_run_exits_75_and_writes_nothing() {
     base.gen_at("2026-02-15T17:06:00Z");
     let before = output_versions(&base);
 
-    let mut first = Command::new(bin())
-        .args(["sessionize", "--base-dir"])
-        .arg(base.path())
-        .env("SESSIONIZER_FAILPOINT", "pause-after-lock")
-        .env("SESSIONIZER_PAUSE_MS", "8000")
-        .spawn()
-        .unwrap();
-    let lock = base.table("checkpoint/_sessionizer/lock.json");
-    let start = Instant::now();
-    while !lock.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "first run never took the lock"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut first = base.paused_run(8000);
     let second = base.run(&["sessionize"]);
     assert_eq!(second.code(), 75, "{}", second.stderr());
     let err = second.stderr();
@@ -71,6 +53,7 @@ fn a_second_concurrent_run_exits_75_and_writes_nothing() {
         before[2],
         "the first run committed"
     );
+    let lock = base.table("checkpoint/_sessionizer/lock.json");
     assert!(!lock.exists(), "the lock is released");
 }
 

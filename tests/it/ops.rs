@@ -9,16 +9,8 @@ use crate::util::*;
 fn query_answers_over_the_demo_tables() {
     let base = Base::new();
     base.ok(&["demo"]);
-    let closed = base.ok(&[
-        "query",
-        "--format",
-        "csv",
-        "SELECT user_id, event_count, close_reason FROM sessions ORDER BY user_id",
-    ]);
-    assert_eq!(
-        closed.stdout().trim(),
-        "user_id,event_count,close_reason\n1,4,inactivity\n2,2,inactivity\n3,2,inactivity"
-    );
+    let closed = base.ok(&["query", "--format", "csv", DEMO_SESSIONS_SQL]);
+    assert_eq!(closed.stdout().trim(), DEMO_SESSIONS_CSV);
     // live_sessions (and its short name live), pending: the closing row's user is still open.
     let live = base
         .ok(&[
@@ -312,24 +304,8 @@ fn the_cron_wrapper_keeps_summaries_and_treats_a_held_lock_as_normal() {
         serde_json::from_str(&std::fs::read_to_string(&summaries[0]).unwrap()).unwrap();
     assert_eq!(s["rows_read"], 4);
     // A run that cannot get the lock (another holds it) is logged and exits 0.
-    let pause = Command::new(bin())
-        .args(["sessionize", "--base-dir"])
-        .arg(base.path())
-        .env("SESSIONIZER_PAUSE_MS", "8000")
-        .env("SESSIONIZER_FAILPOINT", "pause-after-lock")
-        .spawn()
-        .unwrap();
-    let lock = base.table("checkpoint/_sessionizer/lock.json");
-    let start = std::time::Instant::now();
-    while !lock.exists() {
-        assert!(
-            start.elapsed().as_secs() < 30,
-            "the paused run never took the lock"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let mut pause = base.paused_run(8000);
     let locked = run(&[]);
-    let mut pause = pause;
     pause.wait().unwrap();
     assert!(locked.status.success(), "{locked:?}");
     let log = std::fs::read_to_string(logs.path().join("sessionize.log")).unwrap();

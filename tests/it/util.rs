@@ -64,7 +64,36 @@ impl Base {
     pub fn version(&self, table: &str) -> Option<u64> {
         version(&self.table(table))
     }
+    /// Starts `sessionize` in the background, paused for `ms` right after it takes the
+    /// checkpoint lock, and returns once the lock file exists.
+    pub fn paused_run(&self, ms: u64) -> std::process::Child {
+        let child = Command::new(bin())
+            .args(["sessionize", "--base-dir"])
+            .arg(self.path())
+            .env("SESSIONIZER_FAILPOINT", "pause-after-lock")
+            .env("SESSIONIZER_PAUSE_MS", ms.to_string())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let lock = self.table("checkpoint/_sessionizer/lock.json");
+        let start = std::time::Instant::now();
+        while !lock.exists() {
+            assert!(
+                start.elapsed().as_secs() < 30,
+                "the paused run never took the lock"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        child
+    }
 }
+
+/// The demo walkthrough's closed sessions, as `query --format csv` prints them: user 1 with
+/// both of its two-row visits, users 2 and 3 with both of their single rows.
+pub const DEMO_SESSIONS_SQL: &str =
+    "SELECT user_id, event_count, close_reason FROM sessions ORDER BY user_id";
+pub const DEMO_SESSIONS_CSV: &str =
+    "user_id,event_count,close_reason\n1,4,inactivity\n2,2,inactivity\n3,2,inactivity";
 
 pub struct Out(pub Output);
 
