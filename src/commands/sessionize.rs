@@ -54,10 +54,22 @@ pub struct Phases {
     pub commit: u64,
 }
 
-/// Milliseconds since `*t`, restarting the lap.
+/// Milliseconds since `*t`, restarting the lap; logs the process's peak memory so far at
+/// debug level (`-vv`), which shows which phase sets a run's peak.
 fn lap(t: &mut Instant) -> u64 {
     let ms = t.elapsed().as_millis() as u64;
     *t = Instant::now();
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let peak = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .map(|l| l.trim_start_matches("VmHWM:").trim().to_string())
+            })
+            .unwrap_or_else(|| "unknown".into());
+        tracing::debug!(lap_ms = ms, peak_rss = %peak, "phase done");
+    }
     ms
 }
 

@@ -270,14 +270,22 @@ impl Engine {
     ) -> Result<Folded, ArrowError> {
         let schema = self.spec.normalized_schema();
         let sorted_idx = self.sort_indices(all)?;
-        // Only the narrow columns the rules read are put in order; the collected columns (page
-        // strings, the widest part of an event) are gathered once, for closed sessions and
-        // pending rows, straight from the unsorted batch through the permutation.
+        // Only the columns the rules and the outputs read are put in order (keys, time,
+        // markers, summed columns). The collected columns (page strings, the widest part of an
+        // event) are gathered once, for closed sessions, straight from the unsorted batch
+        // through the permutation; pending rows are taken whole from it the same way; the
+        // tie-break columns were only needed by the sort.
+        let sums: Vec<String> = self.spec.sums.iter().map(|s| sum_input_name(s)).collect();
         let narrow: Vec<usize> = schema
             .fields()
             .iter()
             .enumerate()
-            .filter(|(_, f)| !self.spec.collect.iter().any(|(c, _)| c == f.name()))
+            .filter(|(_, f)| {
+                let n = f.name();
+                self.spec.key_columns.contains(n)
+                    || [TIME_COL, END_COL, START_COL].contains(&n.as_str())
+                    || sums.contains(n)
+            })
             .map(|(i, _)| i)
             .collect();
         let sorted = take_record_batch(&all.project(&narrow)?, &sorted_idx)?;
