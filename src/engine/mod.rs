@@ -240,10 +240,21 @@ impl Engine {
             let cat = |f: fn(&Folded) -> &RecordBatch| -> Result<RecordBatch, ArrowError> {
                 concat_batches(&f(&parts[0]).schema(), parts.iter().map(f))
             };
+            // The closed sessions are the largest output: joined on a thread of their own.
+            let (closed, live, pending) = std::thread::scope(|scope| {
+                let closed = scope.spawn(|| cat(|p| &p.closed));
+                let live = cat(|p| &p.live);
+                let pending = cat(|p| &p.pending);
+                (
+                    closed.join().expect("concat thread panicked"),
+                    live,
+                    pending,
+                )
+            });
             Folded {
-                closed: cat(|p| &p.closed)?,
-                live: cat(|p| &p.live)?,
-                pending: cat(|p| &p.pending)?,
+                closed: closed?,
+                live: live?,
+                pending: pending?,
                 open_count: parts.iter().map(|p| p.open_count).sum(),
             }
         };
@@ -613,16 +624,27 @@ fn shard_by_key(
                 .collect()
         }
     };
-    let mut out = Vec::with_capacity(n);
-    for shard in 0..n as u8 {
-        let idx: Vec<u32> = (0..rows as u32)
-            .filter(|&r| shard_of[r as usize] == shard)
-            .collect();
-        let pending = idx.partition_point(|&r| (r as usize) < pending_rows);
-        let idx = arrow::array::UInt32Array::from(idx);
-        out.push((take_record_batch(all, &idx)?, pending));
+    let mut idx: Vec<Vec<u32>> = vec![Vec::with_capacity(rows / n + 1); n];
+    for (r, &s) in shard_of.iter().enumerate() {
+        idx[s as usize].push(r as u32);
     }
-    Ok(out)
+    // The gathers copy every column, strings included: one thread per shard.
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = idx
+            .into_iter()
+            .map(|idx| {
+                scope.spawn(move || {
+                    let pending = idx.partition_point(|&r| (r as usize) < pending_rows);
+                    let idx = arrow::array::UInt32Array::from(idx);
+                    take_record_batch(all, &idx).map(|b| (b, pending))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a shard thread panicked"))
+            .collect()
+    })
 }
 
 struct Cut {
