@@ -163,13 +163,13 @@ pub fn append_writer_properties(schema: &Schema) -> WriterProperties {
     b.build()
 }
 
-/// Appends `batch` in one commit carrying `props`, encoding its Parquet files on every core:
-/// the rows are cut into one slice per core, each written by its own writer task, and the
-/// files are committed together. (delta-rs's `write` encodes one in-memory batch on one
+/// Appends `batches` in one commit carrying `props`, encoding their Parquet files on every
+/// core: each batch is cut into up to one slice per core, each slice written by its own writer
+/// task, and the files are committed together. (delta-rs's `write` encodes one in-memory batch on one
 /// thread.)
 async fn append_parallel(
     table: DeltaTable,
-    batch: RecordBatch,
+    batches: Vec<RecordBatch>,
     props: CommitProperties,
 ) -> std::result::Result<DeltaTable, DeltaTableError> {
     use deltalake::kernel::Action;
@@ -177,15 +177,22 @@ async fn append_parallel(
     use deltalake::protocol::DeltaOperation;
     use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 
-    let n = batch.num_rows();
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     // Below a few hundred thousand rows one writer is as fast and makes one file.
-    let parts = (n / 250_000).clamp(1, cores);
-    let chunk = n.div_ceil(parts);
-    let wp = append_writer_properties(&batch.schema());
-    let mut tasks = Vec::with_capacity(parts);
-    for start in (0..n).step_by(chunk) {
-        let slice = batch.slice(start, chunk.min(n - start));
+    let mut slices = Vec::new();
+    for batch in batches.iter().filter(|b| b.num_rows() > 0) {
+        let n = batch.num_rows();
+        let chunk = n.div_ceil((n / 250_000).clamp(1, cores));
+        slices.extend(
+            (0..n)
+                .step_by(chunk)
+                .map(|s| batch.slice(s, chunk.min(n - s))),
+        );
+    }
+    drop(batches);
+    let wp = append_writer_properties(&slices[0].schema());
+    let mut tasks = Vec::with_capacity(slices.len());
+    for slice in slices {
         let mut writer = RecordBatchWriter::for_table(&table)?.with_writer_properties(wp.clone());
         tasks.push(tokio::spawn(async move {
             writer.write(slice).await?;
@@ -217,23 +224,23 @@ fn txn_props(app_id: &str, seq: i64) -> CommitProperties {
     CommitProperties::default().with_application_transaction(Transaction::new(app_id, seq))
 }
 
-/// Appends `batch` unless batch `seq` of `app_id` is already in the table. Returns whether it
-/// wrote.
+/// Appends `batches` in one commit unless batch `seq` of `app_id` is already in the table.
+/// Returns whether it wrote.
 pub async fn append_once(
     table: DeltaTable,
     loc: &TableLocation,
-    batch: RecordBatch,
+    batches: Vec<RecordBatch>,
     app_id: &str,
     seq: i64,
 ) -> Result<(DeltaTable, bool)> {
-    if batch.num_rows() == 0 {
+    if batches.iter().all(|b| b.num_rows() == 0) {
         return Ok((table, false));
     }
     if txn_version(&table, app_id).await? >= Some(seq) {
         tracing::info!("{loc} already holds batch {seq}; skipping (replay after a crash)");
         return Ok((table, false));
     }
-    let result = append_parallel(table, batch, txn_props(app_id, seq)).await;
+    let result = append_parallel(table, batches, txn_props(app_id, seq)).await;
     Ok((committed_or_recheck(result, loc, app_id, seq).await?, true))
 }
 

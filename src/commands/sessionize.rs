@@ -414,13 +414,20 @@ async fn run_locked(
         phases.sessionize += lap(&mut clock);
         bar.set_message(format!("batch {seq}: writing"));
 
-        let (s, _) =
-            sink::append_once(sessions, &t.sessions, out.closed.clone(), &app_id, seq).await?;
+        let (s, _) = sink::append_once(
+            sessions,
+            &t.sessions,
+            out.closed_parts.clone(),
+            &app_id,
+            seq,
+        )
+        .await?;
         sessions = s;
         phases.write_sessions += lap(&mut clock);
         failpoint::hit("after-sessions-commit");
         if let (Some(table), Some(loc)) = (late.take(), &t.late_events) {
-            let (l, _) = sink::append_once(table, loc, out.rejected.clone(), &app_id, seq).await?;
+            let (l, _) =
+                sink::append_once(table, loc, vec![out.rejected.clone()], &app_id, seq).await?;
             late = Some(l);
         }
         let (l, upserted) = sink::merge_live(

@@ -61,8 +61,9 @@ pub struct StepMetrics {
 /// The result of one engine step.
 #[derive(Debug, Clone)]
 pub struct StepOutput {
-    /// Closed sessions in the sessions-table schema.
-    pub closed: RecordBatch,
+    /// Closed sessions in the sessions-table schema, in parts (one per key shard) so a large
+    /// batch's sessions are never copied into one buffer; see [`StepOutput::closed`].
+    pub closed_parts: Vec<RecordBatch>,
     /// The events of sessions still open, in the normalized schema.
     pub pending: RecordBatch,
     /// One row per key whose current session changed, in the live-table schema.
@@ -110,6 +111,16 @@ impl Classes {
             Some(REASON_LATE)
         } else {
             None
+        }
+    }
+}
+
+impl StepOutput {
+    /// The closed sessions as one batch (a copy when there are several parts).
+    pub fn closed(&self) -> RecordBatch {
+        match self.closed_parts.as_slice() {
+            [one] => one.clone(),
+            parts => concat_batches(&parts[0].schema(), parts).expect("parts share a schema"),
         }
     }
 }
@@ -240,28 +251,20 @@ impl Engine {
             let cat = |f: fn(&Folded) -> &RecordBatch| -> Result<RecordBatch, ArrowError> {
                 concat_batches(&f(&parts[0]).schema(), parts.iter().map(f))
             };
-            // The closed sessions are the largest output: joined on a thread of their own.
-            let (closed, live, pending) = std::thread::scope(|scope| {
-                let closed = scope.spawn(|| cat(|p| &p.closed));
-                let live = cat(|p| &p.live);
-                let pending = cat(|p| &p.pending);
-                (
-                    closed.join().expect("concat thread panicked"),
-                    live,
-                    pending,
-                )
-            });
+            // The closed sessions, the largest output, stay in their shard parts.
+            let live = cat(|p| &p.live)?;
+            let pending = cat(|p| &p.pending)?;
             Folded {
-                closed: closed?,
-                live: live?,
-                pending: pending?,
+                live,
+                pending,
                 open_count: parts.iter().map(|p| p.open_count).sum(),
+                closed: parts.into_iter().flat_map(|p| p.closed).collect(),
             }
         };
-        metrics.sessions_closed = folded.closed.num_rows() as u64;
+        metrics.sessions_closed = folded.closed.iter().map(|b| b.num_rows() as u64).sum();
         metrics.sessions_pending = folded.open_count;
         Ok(StepOutput {
-            closed: folded.closed,
+            closed_parts: folded.closed,
             pending: folded.pending,
             live: folded.live,
             rejected,
@@ -330,7 +333,7 @@ impl Engine {
         };
         let pending = take_record_batch(all, &unsorted.rows(cut.pending_rows.into_iter()))?;
         Ok(Folded {
-            closed: cut.closed,
+            closed: vec![cut.closed],
             live: cut.live,
             pending,
             open_count: cut.open_count,
@@ -580,7 +583,7 @@ fn flag_column<'a>(batch: &'a RecordBatch, name: &str) -> &'a BooleanArray {
 /// What cutting one step's sorted events produced.
 /// What folding one batch (or one key shard of it) gives.
 struct Folded {
-    closed: RecordBatch,
+    closed: Vec<RecordBatch>,
     live: RecordBatch,
     pending: RecordBatch,
     open_count: u64,

@@ -152,7 +152,7 @@ fn events_exactly_gap_apart_stay_in_one_session() {
     let out = e
         .step(&empty(), &[ev(0, &[(1, 0), (1, 30 * MIN)])], None, true)
         .unwrap();
-    let s = sessions(&out.closed);
+    let s = sessions(&out.closed());
     assert_eq!(s.len(), 1, "{s:?}");
     assert_eq!(s[0].3, 2);
 }
@@ -163,7 +163,7 @@ fn one_microsecond_past_gap_starts_a_new_session() {
     let out = e
         .step(&empty(), &[ev(0, &[(1, 0), (1, 30 * MIN + 1)])], None, true)
         .unwrap();
-    let s = sessions(&out.closed);
+    let s = sessions(&out.closed());
     assert_eq!(s.len(), 2, "{s:?}");
     assert_eq!((s[0].1, s[0].2), (0, 0));
     assert_eq!((s[1].1, s[1].2), (30 * MIN + 1, 30 * MIN + 1));
@@ -194,7 +194,7 @@ fn watermark_trails_the_largest_event_time_by_the_delay_and_never_moves_back() {
 fn a_session_closes_only_once_the_watermark_is_past_last_event_plus_gap() {
     let e = engine(30, 15);
     let first = e.step(&empty(), &[ev(0, &[(1, 0)])], None, false).unwrap();
-    assert_eq!(first.closed.num_rows(), 0);
+    assert_eq!(first.closed().num_rows(), 0);
     // Watermark = 45m - 15m = 30m == last + gap: not yet.
     let second = e
         .step(
@@ -204,7 +204,7 @@ fn a_session_closes_only_once_the_watermark_is_past_last_event_plus_gap() {
             false,
         )
         .unwrap();
-    assert_eq!(second.closed.num_rows(), 0);
+    assert_eq!(second.closed().num_rows(), 0);
     assert_eq!(second.metrics.sessions_pending, 2);
     // Watermark = 30m + 1us > last + gap: closes, by inactivity.
     let third = e
@@ -216,10 +216,10 @@ fn a_session_closes_only_once_the_watermark_is_past_last_event_plus_gap() {
         )
         .unwrap();
     assert_eq!(
-        sessions(&third.closed),
+        sessions(&third.closed()),
         vec![(1, 0, 0, 1, vec![("p".into(), 0)])]
     );
-    assert_eq!(reasons(&third.closed), vec!["inactivity"]);
+    assert_eq!(reasons(&third.closed()), vec!["inactivity"]);
     assert_eq!(third.metrics.sessions_pending, 1);
 }
 
@@ -242,7 +242,7 @@ fn a_bridging_event_merges_two_pending_sessions() {
     let flushed = e
         .step(&second.pending, &[], second.watermark, true)
         .unwrap();
-    let s = sessions(&flushed.closed);
+    let s = sessions(&flushed.closed());
     assert_eq!(s.len(), 1);
     assert_eq!((s[0].1, s[0].2, s[0].3), (0, 50 * MIN, 3));
     let times: Vec<i64> = s[0].4.iter().map(|p| p.1).collect();
@@ -251,7 +251,7 @@ fn a_bridging_event_merges_two_pending_sessions() {
         vec![0, 25 * 60_000, 50 * 60_000],
         "pages in time order"
     );
-    assert_eq!(reasons(&flushed.closed), vec!["flush"]);
+    assert_eq!(reasons(&flushed.closed()), vec!["flush"]);
 }
 
 #[test]
@@ -285,7 +285,7 @@ fn a_late_event_is_counted_and_folded_into_no_session() {
     let flushed = e
         .step(&second.pending, &[], second.watermark, true)
         .unwrap();
-    assert_eq!(sessions(&flushed.closed)[0].1, 86 * MIN);
+    assert_eq!(sessions(&flushed.closed())[0].1, 86 * MIN);
 }
 
 #[test]
@@ -377,10 +377,10 @@ fn session_ids_depend_on_key_and_start_only() {
         .step(&empty(), &[ev(7, &[(1, MIN), (1, 0)])], None, true)
         .unwrap();
     let id = |b: &RecordBatch| b.column(0).as_string::<i32>().value(0).to_string();
-    assert_eq!(id(&a.closed), id(&b.closed));
-    assert_eq!(id(&a.closed).len(), 32);
+    assert_eq!(id(&a.closed()), id(&b.closed()));
+    assert_eq!(id(&a.closed()).len(), 32);
     let c = e.step(&empty(), &[ev(0, &[(2, 0)])], None, true).unwrap();
-    assert_ne!(id(&a.closed), id(&c.closed));
+    assert_ne!(id(&a.closed()), id(&c.closed()));
 }
 
 #[test]
@@ -389,8 +389,8 @@ fn duration_is_whole_milliseconds_rounded_down() {
     let out = e
         .step(&empty(), &[ev(0, &[(1, 0), (1, 1_999)])], None, true)
         .unwrap();
-    let d = out
-        .closed
+    let closed = out.closed();
+    let d = closed
         .column_by_name("duration_ms")
         .unwrap()
         .as_primitive::<Int64Type>();
@@ -432,14 +432,15 @@ fn sums_add_up_per_session_and_ignore_nulls() {
     );
     let out = e.step(&norm, &[], None, true).unwrap();
     let sums = out
-        .closed
+        .closed()
         .column_by_name("win_sum")
         .unwrap()
         .as_any()
         .downcast_ref::<Float64Array>()
         .unwrap()
         .clone();
-    let keys = out.closed.column_by_name("k").unwrap().as_string::<i32>();
+    let closed = out.closed();
+    let keys = closed.column_by_name("k").unwrap().as_string::<i32>();
     let by_key: BTreeMap<&str, Option<f64>> = (0..2)
         .map(|i| (keys.value(i), sums.is_valid(i).then(|| sums.value(i))))
         .collect();
@@ -479,7 +480,7 @@ fn an_end_marker_ends_its_session_whatever_the_gap() {
         ],
     );
     let out = e.step(&empty(), &[b], None, true).unwrap();
-    let s = sessions(&out.closed);
+    let s = sessions(&out.closed());
     assert_eq!(s.len(), 2, "{s:?}");
     assert_eq!(
         (s[0].1, s[0].2, s[0].3),
@@ -491,7 +492,7 @@ fn an_end_marker_ends_its_session_whatever_the_gap() {
         (2 * MIN, 1),
         "the next event starts a new session"
     );
-    let mut r = reasons(&out.closed);
+    let mut r = reasons(&out.closed());
     r.sort();
     assert_eq!(r, vec!["end_marker", "flush"]);
 }
@@ -501,13 +502,13 @@ fn with_no_watermark_delay_a_marked_session_closes_in_the_same_run() {
     let e = engine(30, 0);
     let b = marked(0, &[(1, 0, "a", false), (1, MIN, "deposit", true)]);
     let out = e.step(&empty(), &[b], None, false).unwrap();
-    assert_eq!(reasons(&out.closed), vec!["end_marker"]);
+    assert_eq!(reasons(&out.closed()), vec!["end_marker"]);
     assert_eq!(out.pending.num_rows(), 0);
     // With a delay it waits for the watermark to reach the marker.
     let e = engine(30, 5);
     let b = marked(0, &[(1, 0, "a", false), (1, MIN, "deposit", true)]);
     let out = e.step(&empty(), &[b], None, false).unwrap();
-    assert_eq!(out.closed.num_rows(), 0);
+    assert_eq!(out.closed().num_rows(), 0);
 }
 
 #[test]
@@ -516,7 +517,7 @@ fn max_duration_splits_a_bot_into_sessions_no_longer_than_the_maximum() {
     // One event a minute for five hours.
     let rows: Vec<(i64, i64)> = (0..300).map(|m| (1, m * MIN)).collect();
     let out = e.step(&empty(), &[ev(0, &rows)], None, true).unwrap();
-    let s = sessions(&out.closed);
+    let s = sessions(&out.closed());
     assert_eq!(
         s.len(),
         5,
@@ -531,7 +532,7 @@ fn max_duration_splits_a_bot_into_sessions_no_longer_than_the_maximum() {
         s.iter().all(|x| x.3 == 60),
         "every event is kept: nothing dropped"
     );
-    let mut r = reasons(&out.closed);
+    let mut r = reasons(&out.closed());
     r.sort();
     assert_eq!(
         r,
@@ -550,7 +551,7 @@ fn a_session_reaching_its_maximum_closes_on_the_watermark() {
     let e = engine_with(30, 15, Some(60));
     let rows: Vec<(i64, i64)> = (0..50).map(|m| (1, m * MIN)).collect();
     let first = e.step(&empty(), &[ev(0, &rows)], None, false).unwrap();
-    assert_eq!(first.closed.num_rows(), 0);
+    assert_eq!(first.closed().num_rows(), 0);
     // Another key moves the watermark to 60m = start + max: the session is over.
     let second = e
         .step(
@@ -560,7 +561,7 @@ fn a_session_reaching_its_maximum_closes_on_the_watermark() {
             false,
         )
         .unwrap();
-    assert_eq!(reasons(&second.closed), vec!["max_duration"]);
+    assert_eq!(reasons(&second.closed()), vec!["max_duration"]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -662,17 +663,17 @@ proptest! {
         for chunk in commits.chunks(runs_per_commit) {
             let out = sharded.step(&pending, chunk, wm, false).unwrap();
             prop_assert_eq!(out.metrics.rows_late, 0);
-            closed.extend(sessions(&out.closed));
+            closed.extend(sessions(&out.closed()));
             pending = out.pending;
             wm = out.watermark;
         }
         let out = sharded.step(&pending, &[], wm, true).unwrap();
-        closed.extend(sessions(&out.closed));
+        closed.extend(sessions(&out.closed()));
         prop_assert_eq!(out.pending.num_rows(), 0);
         closed.sort();
 
         let batch = e.step(&empty(), &commits, None, true).unwrap();
-        let batch = sessions(&batch.closed);
+        let batch = sessions(&batch.closed());
         prop_assert_eq!(&closed, &batch);
 
         // Both equal the independent oracle.
@@ -759,7 +760,7 @@ fn a_pair_started_in_one_run_completes_in_a_later_one() {
         )
         .unwrap();
     assert_eq!(
-        first.closed.num_rows(),
+        first.closed().num_rows(),
         0,
         "nothing decided before the watermark reaches it"
     );
@@ -773,7 +774,7 @@ fn a_pair_started_in_one_run_completes_in_a_later_one() {
         )
         .unwrap();
     assert_eq!(
-        pair_rows(&second.closed),
+        pair_rows(&second.closed()),
         vec![(2, None, Some(MIN), "missing_start".into())],
         "the watermark (15m) reached user 2's end, not yet user 1's"
     );
@@ -786,7 +787,7 @@ fn a_pair_started_in_one_run_completes_in_a_later_one() {
         )
         .unwrap();
     assert_eq!(
-        pair_rows(&third.closed),
+        pair_rows(&third.closed()),
         vec![(1, Some(0), Some(20 * MIN), "complete".into())]
     );
     let status = third
@@ -803,7 +804,7 @@ fn an_open_start_times_out_on_the_watermark() {
     let first = e
         .step(&empty(), &[pair_events(0, &[(1, 0, 'S')])], None, false)
         .unwrap();
-    assert_eq!(first.closed.num_rows(), 0);
+    assert_eq!(first.closed().num_rows(), 0);
     let second = e
         .step(
             &first.pending,
@@ -813,7 +814,7 @@ fn an_open_start_times_out_on_the_watermark() {
         )
         .unwrap();
     assert_eq!(
-        pair_rows(&second.closed),
+        pair_rows(&second.closed()),
         vec![(1, Some(0), None, "missing_end".into())]
     );
 }
@@ -852,14 +853,14 @@ proptest! {
         for c in &commits {
             let out = sharded.step(&pending, std::slice::from_ref(c), wm, false).unwrap();
             prop_assert_eq!(out.metrics.rows_late, 0);
-            closed.extend(pair_rows(&out.closed));
+            closed.extend(pair_rows(&out.closed()));
             pending = out.pending;
             wm = out.watermark;
         }
         let out = sharded.step(&pending, &[], wm, true).unwrap();
-        closed.extend(pair_rows(&out.closed));
+        closed.extend(pair_rows(&out.closed()));
         closed.sort();
-        let batch = pair_rows(&e.step(&empty(), &commits, None, true).unwrap().closed);
+        let batch = pair_rows(&e.step(&empty(), &commits, None, true).unwrap().closed());
         prop_assert_eq!(closed, batch);
     }
 }
@@ -876,7 +877,7 @@ fn ties_in_event_time_follow_version_file_and_row_whatever_the_arrival_order() {
         ],
     );
     let out = e.step(&empty(), &[later, earlier], None, true).unwrap();
-    let pages: Vec<String> = sessions(&out.closed)[0]
+    let pages: Vec<String> = sessions(&out.closed())[0]
         .4
         .iter()
         .map(|p| p.0.clone())
@@ -907,7 +908,7 @@ fn ties_in_event_time_follow_version_file_and_row_whatever_the_arrival_order() {
     let e = Engine::new(spec, e.rules);
     let out = e.step(&v2, &[v1, v1f0], None, true).unwrap();
     let pages = out
-        .closed
+        .closed()
         .column_by_name("visited_pages")
         .unwrap()
         .as_list::<i32>()
