@@ -174,15 +174,14 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Opens the location. With `create`, a local folder is made if missing.
+    /// Opens the location. With `create`, a local folder is made if missing; without it, a
+    /// missing local folder is [`Error::NoCheckpoint`].
     pub fn open(loc: &TableLocation, create: bool) -> Result<Self> {
         if let Some(p) = loc.local_path() {
             if create {
                 std::fs::create_dir_all(&p)?;
             } else if !p.exists() {
-                return Err(Error::usage(format!(
-                    "there is no checkpoint at `{loc}` yet; run `sessionizer sessionize` first, or check --checkpoint"
-                )));
+                return Err(no_checkpoint(loc));
             }
         }
         let store = loc.builder()?.build()?.object_store();
@@ -190,6 +189,16 @@ impl Checkpoint {
             loc: loc.clone(),
             store,
         })
+    }
+
+    /// Opens a checkpoint that must already exist (for `status` and `maintain`), with its
+    /// identity; [`Error::NoCheckpoint`] when there is none at `loc`.
+    pub async fn open_existing(loc: &TableLocation) -> Result<(Self, Identity)> {
+        let cp = Self::open(loc, false)?;
+        match cp.identity().await? {
+            Some(id) => Ok((cp, id)),
+            None => Err(no_checkpoint(loc)),
+        }
     }
 
     pub fn state_location(&self) -> TableLocation {
@@ -451,6 +460,13 @@ impl Checkpoint {
         crate::sink::committed_or_recheck(result, &self.state_location(), app_id, progress.seq)
             .await
     }
+}
+
+fn no_checkpoint(loc: &TableLocation) -> Error {
+    Error::NoCheckpoint(format!(
+        "there is no checkpoint at `{loc}` yet; run `sessionizer sessionize` first, or check \
+         --checkpoint / --base-dir"
+    ))
 }
 
 /// Casts a batch read back from Delta (view types, UTC timestamps) to the expected schema.

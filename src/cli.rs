@@ -127,29 +127,17 @@ pub struct TableArgs {
 impl TableArgs {
     pub fn resolve(&self) -> Tables {
         let options: BTreeMap<String, String> = self.storage_option.iter().cloned().collect();
-        let base = &self.base_dir.clone().with_options(&options);
-        let tables = Tables {
-            events: self.events.clone().unwrap_or_else(|| base.join("events")),
-            sessions: self
-                .sessions
-                .clone()
-                .unwrap_or_else(|| base.join("sessions")),
-            live: self
-                .live
-                .clone()
-                .unwrap_or_else(|| base.join("live_sessions")),
-            checkpoint: self
-                .checkpoint
-                .clone()
-                .unwrap_or_else(|| base.join("checkpoint")),
-            late_events: self.late_events.clone(),
+        let at = |flag: &Option<TableLocation>, default: &str| {
+            flag.clone()
+                .unwrap_or_else(|| self.base_dir.join(default))
+                .with_options(&options)
         };
         Tables {
-            events: tables.events.with_options(&options),
-            sessions: tables.sessions.with_options(&options),
-            live: tables.live.with_options(&options),
-            checkpoint: tables.checkpoint.with_options(&options),
-            late_events: tables.late_events.map(|l| l.with_options(&options)),
+            events: at(&self.events, "events"),
+            sessions: at(&self.sessions, "sessions"),
+            live: at(&self.live, "live_sessions"),
+            checkpoint: at(&self.checkpoint, "checkpoint"),
+            late_events: self.late_events.clone().map(|l| l.with_options(&options)),
         }
     }
 }

@@ -143,7 +143,7 @@ pub async fn committed_or_recheck(
 /// integer and timestamp columns (their values are nearly all distinct, so a dictionary is
 /// built and then abandoned), and neither dictionary nor compression for the session id, a
 /// random hex string that neither can shrink.
-pub fn append_writer_properties(schema: &Schema) -> WriterProperties {
+fn append_writer_properties(schema: &Schema) -> WriterProperties {
     let mut b = WriterProperties::builder().set_compression(Compression::SNAPPY);
     if let Ok(descr) = parquet::arrow::ArrowSchemaConverter::new().convert(schema) {
         for col in descr.columns() {
@@ -165,8 +165,8 @@ pub fn append_writer_properties(schema: &Schema) -> WriterProperties {
 
 /// Appends `batches` in one commit carrying `props`, encoding their Parquet files on every
 /// core: each batch is cut into up to one slice per core, each slice written by its own writer
-/// task, and the files are committed together. (delta-rs's `write` encodes one in-memory batch on one
-/// thread.)
+/// task, and the files are committed together. (delta-rs's `write` encodes one in-memory
+/// batch on one thread.)
 async fn append_parallel(
     table: DeltaTable,
     batches: Vec<RecordBatch>,
@@ -215,8 +215,9 @@ async fn append_parallel(
         .with_actions(actions)
         .build(Some(table.snapshot()?), table.log_store(), operation)
         .await?;
+    // Replays just the commit made here onto the table's snapshot.
     let mut table = table;
-    table.load_version(committed.version()).await?;
+    table.update_incremental(Some(committed.version())).await?;
     Ok(table)
 }
 

@@ -46,18 +46,7 @@ pub async fn maintain(args: &MaintainArgs) -> Result<MaintainReport> {
     let started = std::time::Instant::now();
     let tables = args.tables.resolve();
     let retention = chrono::Duration::microseconds(args.retention.as_micros());
-    let cp = match Checkpoint::open(&tables.checkpoint, false) {
-        Ok(cp) => cp,
-        Err(Error::Usage(m)) => return Err(Error::NoCheckpoint(m)),
-        Err(e) => return Err(e),
-    };
-    if cp.identity().await?.is_none() {
-        return Err(Error::NoCheckpoint(format!(
-            "there is no checkpoint at `{}`; maintain works on the tables of an existing \
-             checkpoint (run `sessionizer sessionize` first, or check --checkpoint)",
-            tables.checkpoint
-        )));
-    }
+    let (cp, _) = Checkpoint::open_existing(&tables.checkpoint).await?;
     let lock = cp.lock(args.break_lock).await?;
     let result = async {
         let mut reports = Vec::new();

@@ -15,7 +15,7 @@ use crate::checkpoint::Checkpoint;
 use crate::cli::StatusArgs;
 use crate::commands::sessionize::format_micros;
 use crate::config::{Dur, OutputFormat};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::source;
 
 /// How many of the newest unprocessed commits are looked at for the event-time lag.
@@ -42,23 +42,9 @@ pub struct Status {
     pub lock: Option<String>,
 }
 
-fn missing(loc: &crate::config::TableLocation) -> Error {
-    Error::NoCheckpoint(format!(
-        "there is no checkpoint at `{loc}` yet; run `sessionizer sessionize` first, or check \
-         --checkpoint / --base-dir"
-    ))
-}
-
 pub async fn status(args: &StatusArgs) -> Result<Status> {
     let tables = args.tables.resolve();
-    let cp = match Checkpoint::open(&tables.checkpoint, false) {
-        Ok(cp) => cp,
-        Err(Error::Usage(_)) => return Err(missing(&tables.checkpoint)),
-        Err(e) => return Err(e),
-    };
-    let Some(identity) = cp.identity().await? else {
-        return Err(missing(&tables.checkpoint));
-    };
+    let (cp, identity) = Checkpoint::open_existing(&tables.checkpoint).await?;
     let state = cp.state_table().await?;
     let progress = cp.progress(state.as_ref()).await?;
     let events = source::open_events(&tables.events).await.ok();

@@ -83,24 +83,11 @@ pub(crate) struct Classes {
     pub null_time: BooleanArray,
     /// `null_key | null_time`.
     pub invalid: BooleanArray,
-    /// Older than the watermark (may overlap `invalid`, which wins).
+    /// Older than the watermark, with a key and a time.
     pub late: BooleanArray,
 }
 
 impl Classes {
-    fn invalid_count(&self) -> usize {
-        self.invalid.true_count()
-    }
-    fn late_count(&self) -> usize {
-        self.late.true_count()
-            - self
-                .late
-                .values()
-                .iter()
-                .zip(self.invalid.values().iter())
-                .filter(|(l, i)| *l && *i)
-                .count()
-    }
     /// Why row `i` was rejected, if it was.
     pub fn reason(&self, i: usize) -> Option<&'static str> {
         if self.null_key.value(i) {
@@ -187,8 +174,8 @@ impl Engine {
         // 1. Classify the new rows: null key, null time, late, or good (whole-column masks).
         let class = self.classify(&events, watermark)?;
         let rejected = output::rejected_rows(&events, &class)?;
-        metrics.rows_invalid = class.invalid_count() as u64;
-        metrics.rows_late = class.late_count() as u64;
+        metrics.rows_invalid = class.invalid.true_count() as u64;
+        metrics.rows_late = class.late.true_count() as u64;
         let good_mask = class.good;
 
         // 2. Advance the watermark from every row with a time (late rows cannot move it
@@ -234,17 +221,8 @@ impl Engine {
             // output is the same everywhere.
             let shards = shard_by_key(&all, &self.spec.key_columns, pending_rows, SHARDS)?;
             drop(all);
-            let results: Vec<Result<Folded, ArrowError>> = std::thread::scope(|scope| {
-                let handles: Vec<_> = shards
-                    .iter()
-                    .map(|(batch, pending)| {
-                        scope.spawn(move || self.fold(batch, *pending, new_watermark, flush))
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("a shard thread panicked"))
-                    .collect()
+            let results = on_threads(shards.iter().collect(), |(batch, pending)| {
+                self.fold(batch, *pending, new_watermark, flush)
             });
             drop(shards);
             let parts: Vec<Folded> = results.into_iter().collect::<Result<_, _>>()?;
@@ -465,6 +443,7 @@ impl Engine {
             late
         };
         let invalid = or(&null_key, &null_time)?;
+        let late = arrow::compute::and_not(&late, &invalid)?;
         let good = not(&or(&invalid, &late)?)?;
         Ok(Classes {
             good,
@@ -580,7 +559,6 @@ fn flag_column<'a>(batch: &'a RecordBatch, name: &str) -> &'a BooleanArray {
         .expect("normalized marker columns are Boolean")
 }
 
-/// What cutting one step's sorted events produced.
 /// What folding one batch (or one key shard of it) gives.
 struct Folded {
     closed: Vec<RecordBatch>,
@@ -616,8 +594,7 @@ fn shard_by_key(
                 .expect("Int64")
                 .values();
             v.iter()
-                .map(|&k| ((k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % n)
-                .map(|s| s as u8)
+                .map(|&k| (((k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % n as u64) as u8)
                 .collect()
         }
         _ => {
@@ -632,24 +609,31 @@ fn shard_by_key(
         idx[s as usize].push(r as u32);
     }
     // The gathers copy every column, strings included: one thread per shard.
+    on_threads(idx, |idx| {
+        let pending = idx.partition_point(|&r| (r as usize) < pending_rows);
+        take_record_batch(all, &arrow::array::UInt32Array::from(idx)).map(|b| (b, pending))
+    })
+    .into_iter()
+    .collect()
+}
+
+/// Runs `f` on each item on a thread of its own and returns the results in item order (so
+/// the output never depends on scheduling).
+fn on_threads<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
+    let f = &f;
     std::thread::scope(|scope| {
-        let handles: Vec<_> = idx
+        let handles: Vec<_> = items
             .into_iter()
-            .map(|idx| {
-                scope.spawn(move || {
-                    let pending = idx.partition_point(|&r| (r as usize) < pending_rows);
-                    let idx = arrow::array::UInt32Array::from(idx);
-                    take_record_batch(all, &idx).map(|b| (b, pending))
-                })
-            })
+            .map(|item| scope.spawn(move || f(item)))
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().expect("a shard thread panicked"))
+            .map(|h| h.join().expect("an engine thread panicked"))
             .collect()
     })
 }
 
+/// What cutting one step's sorted events produced.
 struct Cut {
     closed: RecordBatch,
     live: RecordBatch,
