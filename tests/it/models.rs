@@ -126,20 +126,8 @@ fn wallet_deposit_ends_the_session_and_wins_are_summed() {
             ],
         );
     };
-    let flags = &[
-        "--key",
-        "session_id",
-        "--time-column",
-        "event_time",
-        "--end-when",
-        "deposit",
-        "--sum",
-        "win_amount",
-        "--watermark-delay",
-        "0",
-        "--gap",
-        "1h",
-    ];
+    // The wallet job's flags, as `demo --scenario wallet` runs them.
+    let flags = sessionizer::commands::scenarios::Scenario::Wallet.sessionize_flags();
     wallet(
         vec![t("10:00"), t("10:01")],
         vec![5.0, -2.0],
