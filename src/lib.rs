@@ -6,6 +6,8 @@
 //!   only the Parquet files those commits added, as normalized Arrow batches.
 //! - [`engine`] is pure: (pending events, new events, watermark) → (closed sessions, pending
 //!   events, live rows, rejected rows, new watermark). No I/O, no clock.
+//! - [`fold`] runs the engine over a batch's key buckets on every core, each thread streaming
+//!   the sessions it closes into Parquet files that the sink then commits.
 //! - [`sink`] appends closed sessions, MERGE-upserts the live table, keeps late rows, each commit
 //!   tagged with the batch's application transaction so that replays skip what is already there.
 //! - [`checkpoint`] records the plan before the outputs and the pending state plus progress
@@ -21,6 +23,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod failpoint;
+pub mod fold;
 pub mod progress;
 pub mod sink;
 pub mod source;

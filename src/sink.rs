@@ -139,12 +139,18 @@ pub async fn committed_or_recheck(
     }
 }
 
+/// Rows per row group of appended files. A writer holds its open row group encoded in memory
+/// until it is full, so this bounds each writer's memory (about 25 MiB of sessions).
+const APPEND_ROW_GROUP_ROWS: usize = 256 * 1024;
+
 /// Parquet settings for appends: Snappy as delta-rs does by default, no dictionary for
 /// integer and timestamp columns (their values are nearly all distinct, so a dictionary is
 /// built and then abandoned), and neither dictionary nor compression for the session id, a
 /// random hex string that neither can shrink.
 fn append_writer_properties(schema: &Schema) -> WriterProperties {
-    let mut b = WriterProperties::builder().set_compression(Compression::SNAPPY);
+    let mut b = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_max_row_group_row_count(Some(APPEND_ROW_GROUP_ROWS));
     if let Ok(descr) = parquet::arrow::ArrowSchemaConverter::new().convert(schema) {
         for col in descr.columns() {
             if matches!(
@@ -163,62 +169,107 @@ fn append_writer_properties(schema: &Schema) -> WriterProperties {
     b.build()
 }
 
-/// Appends `batches` in one commit carrying `props`, encoding their Parquet files on every
-/// core: each batch is cut into up to one slice per core, each slice written by its own writer
-/// task, and the files are committed together. (delta-rs's `write` encodes one in-memory
-/// batch on one thread.)
-async fn append_parallel(
+/// Parquet files for one append, written from any thread and streamed to the store as they
+/// are encoded. Nothing is visible until [`commit_files`] commits the files' Add actions
+/// together with the batch's txn; files of a run that dies first are never referenced.
+pub struct FileWriter {
+    inner: deltalake::writer::RecordBatchWriter,
+    rows: usize,
+}
+
+impl FileWriter {
+    fn new(table: &DeltaTable, props: &WriterProperties) -> Result<Self> {
+        Ok(Self {
+            inner: deltalake::writer::RecordBatchWriter::for_table(table)?
+                .with_writer_properties(props.clone()),
+            rows: 0,
+        })
+    }
+
+    pub async fn write(&mut self, batch: RecordBatch) -> Result<()> {
+        use deltalake::writer::DeltaWriter;
+        if batch.num_rows() > 0 {
+            self.rows += batch.num_rows();
+            self.inner.write(batch).await?;
+        }
+        Ok(())
+    }
+
+    /// Closes the files and returns their Add actions.
+    pub async fn finish(mut self) -> Result<Vec<deltalake::kernel::Add>> {
+        use deltalake::writer::DeltaWriter;
+        if self.rows == 0 {
+            return Ok(Vec::new());
+        }
+        Ok(self.inner.flush().await?)
+    }
+
+    /// [`FileWriter::write`] from a thread outside the async runtime (an engine thread).
+    pub fn write_blocking(
+        &mut self,
+        rt: &tokio::runtime::Handle,
+        batch: RecordBatch,
+    ) -> Result<()> {
+        rt.block_on(self.write(batch))
+    }
+}
+
+/// `n` writers for an append of batch `seq` to `table`, or `None` when the table already holds
+/// that batch (a replay after a crash), in which case nothing must be written.
+pub async fn append_writers(
+    table: &DeltaTable,
+    loc: &TableLocation,
+    app_id: &str,
+    seq: i64,
+    n: usize,
+) -> Result<Option<Vec<FileWriter>>> {
+    if txn_version(table, app_id).await? >= Some(seq) {
+        tracing::info!("{loc} already holds batch {seq}; skipping (replay after a crash)");
+        return Ok(None);
+    }
+    let props = append_writer_properties(&table.snapshot()?.snapshot().arrow_schema());
+    (0..n.max(1))
+        .map(|_| FileWriter::new(table, &props))
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
+/// Commits the written files of batch `seq` in one commit carrying the batch's txn. Returns
+/// whether it committed (no files, no commit).
+pub async fn commit_files(
     table: DeltaTable,
-    batches: Vec<RecordBatch>,
-    props: CommitProperties,
-) -> std::result::Result<DeltaTable, DeltaTableError> {
+    loc: &TableLocation,
+    adds: Vec<deltalake::kernel::Add>,
+    app_id: &str,
+    seq: i64,
+) -> Result<(DeltaTable, bool)> {
     use deltalake::kernel::Action;
     use deltalake::kernel::transaction::CommitBuilder;
     use deltalake::protocol::DeltaOperation;
-    use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 
-    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-    // Below a few hundred thousand rows one writer is as fast and makes one file.
-    let mut slices = Vec::new();
-    for batch in batches.iter().filter(|b| b.num_rows() > 0) {
-        let n = batch.num_rows();
-        let chunk = n.div_ceil((n / 250_000).clamp(1, cores));
-        slices.extend(
-            (0..n)
-                .step_by(chunk)
-                .map(|s| batch.slice(s, chunk.min(n - s))),
-        );
-    }
-    drop(batches);
-    let wp = append_writer_properties(&slices[0].schema());
-    let mut tasks = Vec::with_capacity(slices.len());
-    for slice in slices {
-        let mut writer = RecordBatchWriter::for_table(&table)?.with_writer_properties(wp.clone());
-        tasks.push(tokio::spawn(async move {
-            writer.write(slice).await?;
-            writer.flush().await
-        }));
-    }
-    let mut actions = Vec::new();
-    for task in tasks {
-        let adds = task
-            .await
-            .map_err(|e| DeltaTableError::Generic(format!("a writer task failed: {e}")))??;
-        actions.extend(adds.into_iter().map(Action::Add));
+    if adds.is_empty() {
+        return Ok((table, false));
     }
     let operation = DeltaOperation::Write {
         mode: SaveMode::Append,
         partition_by: None,
         predicate: None,
     };
-    let committed = CommitBuilder::from(props)
-        .with_actions(actions)
-        .build(Some(table.snapshot()?), table.log_store(), operation)
-        .await?;
-    // Replays just the commit made here onto the table's snapshot.
-    let mut table = table;
-    table.update_incremental(Some(committed.version())).await?;
-    Ok(table)
+    let committed: std::result::Result<DeltaTable, DeltaTableError> = async {
+        let committed = CommitBuilder::from(txn_props(app_id, seq))
+            .with_actions(adds.into_iter().map(Action::Add).collect())
+            .build(Some(table.snapshot()?), table.log_store(), operation)
+            .await?;
+        // Replays just the commit made here onto the table's snapshot.
+        let mut table = table;
+        table.update_incremental(Some(committed.version())).await?;
+        Ok(table)
+    }
+    .await;
+    Ok((
+        committed_or_recheck(committed, loc, app_id, seq).await?,
+        true,
+    ))
 }
 
 fn txn_props(app_id: &str, seq: i64) -> CommitProperties {
@@ -237,12 +288,15 @@ pub async fn append_once(
     if batches.iter().all(|b| b.num_rows() == 0) {
         return Ok((table, false));
     }
-    if txn_version(&table, app_id).await? >= Some(seq) {
-        tracing::info!("{loc} already holds batch {seq}; skipping (replay after a crash)");
+    let Some(mut writers) = append_writers(&table, loc, app_id, seq, 1).await? else {
         return Ok((table, false));
+    };
+    let mut writer = writers.pop().expect("one writer");
+    for batch in batches {
+        writer.write(batch).await?;
     }
-    let result = append_parallel(table, batches, txn_props(app_id, seq)).await;
-    Ok((committed_or_recheck(result, loc, app_id, seq).await?, true))
+    let adds = writer.finish().await?;
+    commit_files(table, loc, adds, app_id, seq).await
 }
 
 /// MERGE-upserts the live rows on the key columns unless batch `seq` is already recorded.

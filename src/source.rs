@@ -23,7 +23,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use deltalake::kernel::Action;
 use deltalake::logstore::{LogStoreRef, get_actions};
 use deltalake::{DeltaTable, DeltaTableError};
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use object_store::ObjectStore;
 use object_store::path::Path;
 use parquet::arrow::ProjectionMask;
@@ -33,7 +33,7 @@ use parquet::arrow::ProjectionMask;
 use parquet::arrow::async_reader::{ParquetObjectReader, ParquetRecordBatchStreamBuilder};
 
 use crate::config::{ByteSize, OnChangeCommit, TableLocation};
-use crate::engine::{EventSpec, Markers, normalize};
+use crate::engine::{EventSpec, FilePiece, Markers, TIME_COL, normalize, split_by_key};
 use crate::error::{Error, Result};
 
 /// Opens the events table at its latest version, or explains why it is not one.
@@ -365,16 +365,29 @@ fn bad_predicate(flag: &str, sql: &str, e: impl std::fmt::Display) -> Error {
     ))
 }
 
-/// Reads the listed versions' files as normalized event batches.
-///
-/// Files are read concurrently but returned in (version, file) order; only the projected
-/// columns are decoded. Partition columns come from the add action's partition values.
+/// The new events of a batch, normalized and cut into key buckets (see
+/// [`crate::engine::split_by_key`]): `buckets[b]` holds bucket `b`'s rows in read order
+/// (version, file, row), in pieces of one file each.
+#[derive(Debug, Default)]
+pub struct EventParts {
+    pub buckets: Vec<Vec<FilePiece>>,
+    pub rows: usize,
+    /// The latest event time read, in microseconds.
+    pub max_time: Option<i64>,
+}
+
+/// Reads the files the given versions added, one task per file (decoding runs on every core),
+/// and cuts each decoded batch into `buckets` key buckets as it arrives, so the batch is never
+/// held twice.
 pub async fn read_events(
     store: Arc<dyn ObjectStore>,
     versions: &[VersionFiles],
     spec: &EventSpec,
     plan: &ReadPlan,
-) -> Result<Vec<RecordBatch>> {
+    buckets: usize,
+) -> Result<EventParts> {
+    let spec = Arc::new(spec.clone());
+    let plan = Arc::new(plan.clone());
     let jobs: Vec<(u64, i32, DataFile)> = versions
         .iter()
         .flat_map(|v| {
@@ -385,15 +398,25 @@ pub async fn read_events(
         })
         .collect();
     let parallel = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
-    let results: Vec<Vec<RecordBatch>> =
-        futures::stream::iter(jobs.into_iter().map(|(v, i, f)| {
-            let store = store.clone();
-            async move { read_file(store, v, i, &f, spec, plan).await }
-        }))
-        .buffered(parallel)
-        .try_collect()
-        .await?;
-    Ok(results.into_iter().flatten().collect())
+    let mut files = futures::stream::iter(jobs.into_iter().map(|(v, i, f)| {
+        let (store, spec, plan) = (store.clone(), spec.clone(), plan.clone());
+        tokio::spawn(async move { read_file(store, v, i, &f, &spec, &plan, buckets).await })
+    }))
+    .buffered(parallel);
+    let mut parts = EventParts {
+        buckets: vec![Vec::new(); buckets.max(1)],
+        ..Default::default()
+    };
+    // Files are taken in job order, so each bucket's pieces stay in read order.
+    while let Some(file) = files.next().await {
+        let file = file.map_err(|e| Error::Source(format!("a file reader task failed: {e}")))??;
+        parts.rows += file.rows;
+        parts.max_time = parts.max_time.max(file.max_time);
+        for (bucket, pieces) in parts.buckets.iter_mut().zip(file.buckets) {
+            bucket.extend(pieces.into_iter().filter(|p| p.rows.num_rows() > 0));
+        }
+    }
+    Ok(parts)
 }
 
 async fn read_file(
@@ -403,7 +426,8 @@ async fn read_file(
     file: &DataFile,
     spec: &EventSpec,
     plan: &ReadPlan,
-) -> Result<Vec<RecordBatch>> {
+    buckets: usize,
+) -> Result<EventParts> {
     let path = Path::from_url_path(&file.path).map_err(|e| {
         Error::Source(format!(
             "version {version} names a data file `{}` that is not a valid path: {e}",
@@ -434,21 +458,31 @@ async fn read_file(
         .with_projection(mask)
         .with_batch_size(64 * 1024)
         .build()?;
-    let mut out = Vec::new();
+    let mut out = EventParts {
+        buckets: vec![Vec::new(); buckets.max(1)],
+        ..Default::default()
+    };
     let mut row = 0i64;
     while let Some(batch) = stream.next().await {
         let batch = with_partition_columns(batch?, file, &plan.schema)?;
         let batch = plan.conform(&batch)?;
         let n = batch.num_rows() as i64;
         let markers = plan.markers(&batch)?;
-        out.push(normalize(
-            spec,
-            &batch,
-            version as i64,
-            file_idx,
-            row,
-            markers,
-        )?);
+        let normalized = normalize(spec, &batch, version as i64, file_idx, row, markers)?;
+        drop(batch);
+        out.rows += normalized.num_rows();
+        out.max_time = out.max_time.max(arrow::compute::max(
+            normalized
+                .column_by_name(TIME_COL)
+                .expect("normalized time column")
+                .as_primitive::<arrow::datatypes::Int64Type>(),
+        ));
+        let compact = FilePiece::from_normalized(&normalized, version as i64, file_idx)?;
+        drop(normalized);
+        let pieces = split_by_key(&compact.rows, &spec.key_columns, buckets)?;
+        for (bucket, rows) in out.buckets.iter_mut().zip(pieces) {
+            bucket.push(FilePiece { rows, ..compact });
+        }
         row += n;
     }
     Ok(out)

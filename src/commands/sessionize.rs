@@ -16,11 +16,11 @@ use crate::checkpoint::{Checkpoint, Identity, Plan, Progress};
 use crate::cli::SessionizeArgs;
 use crate::config::{Collect, Mode, OutputFormat, Settings, split_list};
 use crate::engine::{
-    Engine, EventSpec, SessionRules, live_schema, rejected_schema, sessions_schema,
+    Engine, EventSpec, SessionRules, live_schema, rejected_schema, sessions_schema, split_by_key,
 };
 use crate::error::{Error, Result};
 use crate::source::{self, BatchLimits, ReadPlan, VersionFiles};
-use crate::{failpoint, sink};
+use crate::{failpoint, fold, sink};
 
 /// The run summary: what SPEC.md lists, plus the number of batches.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -394,30 +394,51 @@ async fn run_locked(
 
         phases.plan += lap(&mut clock);
         let files: usize = vfs.iter().map(|v| v.files.len()).sum();
+        let new_bytes: u64 = vfs.iter().flat_map(|v| &v.files).map(|f| f.size).sum();
+        let buckets = fold::bucket_count(new_bytes, pending.num_rows());
         bar.set_message(format!("batch {seq}: reading {files} files"));
-        let batches = source::read_events(events.object_store(), &vfs, spec, read_plan).await?;
-        // One contiguous batch, and the per-file batches freed before the engine works.
-        let new_events = arrow::compute::concat_batches(&spec.normalized_schema(), &batches)?;
-        drop(batches);
+        let new_events =
+            source::read_events(events.object_store(), &vfs, spec, read_plan, buckets).await?;
         phases.read += lap(&mut clock);
         failpoint::hit("after-read");
         bar.set_message(format!("batch {seq}: sessionizing"));
-        let out = engine.step_owned(
-            std::mem::replace(
+        let new_watermark = engine.watermark_after(progress.watermark_us, new_events.max_time);
+        // The pending events live on only in their buckets.
+        let pending_parts = split_by_key(
+            &std::mem::replace(
                 &mut pending,
                 RecordBatch::new_empty(spec.normalized_schema()),
             ),
-            new_events,
-            progress.watermark_us,
-            plan.flush,
+            &spec.key_columns,
+            buckets,
         )?;
-        phases.sessionize += lap(&mut clock);
+        let threads = fold::threads(buckets);
+        let writers = sink::append_writers(&sessions, &t.sessions, &app_id, seq, threads).await?;
+        let mut out = fold::fold_buckets(
+            engine,
+            pending_parts,
+            new_events.buckets,
+            progress.watermark_us,
+            new_watermark,
+            plan.flush,
+            writers,
+            threads,
+        )
+        .await?;
+        // The threads fold and encode in turn; the stage's wall time is shared between the
+        // two phases in proportion to the threads' time in each.
+        let stage = lap(&mut clock);
+        let (f, w) = (out.fold_time.as_secs_f64(), out.write_time.as_secs_f64());
+        let fold_share = if f + w > 0.0 { f / (f + w) } else { 1.0 };
+        let fold_ms = (stage as f64 * fold_share).round() as u64;
+        phases.sessionize += fold_ms;
+        phases.write_sessions += stage - fold_ms;
         bar.set_message(format!("batch {seq}: writing"));
 
-        let (s, _) = sink::append_once(
+        let (s, _) = sink::commit_files(
             sessions,
             &t.sessions,
-            out.closed_parts.clone(),
+            std::mem::take(&mut out.adds),
             &app_id,
             seq,
         )
@@ -446,7 +467,7 @@ async fn run_locked(
         let new_progress = Progress {
             seq,
             last_version: plan.versions.map(|(_, b)| b).or(progress.last_version),
-            watermark_us: out.watermark,
+            watermark_us: new_watermark,
             sessions_pending: out.metrics.sessions_pending,
             committed_at: Some(Utc::now().to_rfc3339()),
         };

@@ -20,7 +20,7 @@ mod output;
 mod pairs;
 mod rules;
 
-pub use input::{EventSpec, Markers, SpecError, TimeKind, normalize, sum_input_name};
+pub use input::{EventSpec, FilePiece, Markers, SpecError, TimeKind, normalize, sum_input_name};
 pub use output::{live_schema, rejected_schema, session_id, sessions_schema};
 pub use pairs::PairStatus;
 pub use rules::{CloseReason, SessionRules, SessionSpan};
@@ -160,6 +160,33 @@ impl Engine {
         watermark: Option<i64>,
         flush: bool,
     ) -> Result<StepOutput, ArrowError> {
+        let after = self.watermark_after(watermark, arrow::compute::max(time_column(&events)));
+        self.step_to(pending, events, watermark, after, flush)
+    }
+
+    /// The watermark once a batch whose latest event time is `max_time` has been read: it
+    /// never moves back, and trails the latest event by the watermark delay.
+    pub fn watermark_after(&self, before: Option<i64>, max_time: Option<i64>) -> Option<i64> {
+        match (before, max_time) {
+            (w, None) => w,
+            (None, Some(m)) => Some(m.saturating_sub(self.rules.delay_us)),
+            (Some(w), Some(m)) => Some(w.max(m.saturating_sub(self.rules.delay_us))),
+        }
+    }
+
+    /// One step of the keys in `pending` and `events`, with the batch's watermarks given: the
+    /// one before the batch (which decides what is late) and the one after it (which decides
+    /// what closes). Keys never interact, so a batch may be cut by key ([`split_by_key`]) and
+    /// each part stepped on its own with the whole batch's watermarks: the union of the parts'
+    /// outputs is the output of the whole.
+    pub fn step_to(
+        &self,
+        pending: RecordBatch,
+        events: RecordBatch,
+        watermark: Option<i64>,
+        new_watermark: Option<i64>,
+        flush: bool,
+    ) -> Result<StepOutput, ArrowError> {
         let schema = self.spec.normalized_schema();
         let pending = if pending.num_rows() == 0 {
             RecordBatch::new_empty(schema.clone())
@@ -177,16 +204,6 @@ impl Engine {
         metrics.rows_invalid = class.invalid.true_count() as u64;
         metrics.rows_late = class.late.true_count() as u64;
         let good_mask = class.good;
-
-        // 2. Advance the watermark from every row with a time (late rows cannot move it
-        //    anyway: they are older than the watermark already).
-        let times = time_column(&events);
-        let max_time = arrow::compute::max(times);
-        let new_watermark = match (watermark, max_time) {
-            (w, None) => w,
-            (None, Some(m)) => Some(m.saturating_sub(self.rules.delay_us)),
-            (Some(w), Some(m)) => Some(w.max(m.saturating_sub(self.rules.delay_us))),
-        };
 
         // 3. Pending events plus good new events, sorted by key then time then tie-breaks.
         //    In pairing mode, events that are neither a start nor an end play no part.
@@ -572,21 +589,15 @@ const SHARD_MIN_ROWS: usize = 1_000_000;
 /// Key shards of a large batch.
 const SHARDS: usize = 2;
 
-/// Splits `all` into `n` batches by a hash of the key columns, keeping row order within each
-/// (so each shard's pending rows still come first). Returns each shard with its count of
-/// pending rows.
-fn shard_by_key(
-    all: &RecordBatch,
-    keys: &[String],
-    pending_rows: usize,
-    n: usize,
-) -> Result<Vec<(RecordBatch, usize)>, ArrowError> {
+/// The key bucket (`0..n`) of each row: a hash of the key columns, the same for a key in
+/// every batch and every run.
+fn bucket_ids(batch: &RecordBatch, keys: &[String], n: usize) -> Vec<u32> {
     let cols: Vec<ArrayRef> = keys
         .iter()
-        .map(|k| all.column_by_name(k).expect("key column").clone())
+        .map(|k| batch.column_by_name(k).expect("key column").clone())
         .collect();
-    let rows = all.num_rows();
-    let shard_of: Vec<u8> = match cols.as_slice() {
+    let n = n.max(1) as u64;
+    match cols.as_slice() {
         [one] if one.data_type() == &DataType::Int64 => {
             let v = one
                 .as_any()
@@ -594,22 +605,55 @@ fn shard_by_key(
                 .expect("Int64")
                 .values();
             v.iter()
-                .map(|&k| (((k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % n as u64) as u8)
+                .map(|&k| (((k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % n) as u32)
                 .collect()
         }
         _ => {
             let mut buf = Vec::with_capacity(64);
-            (0..rows)
-                .map(|r| (output::key_hash(&mut buf, &cols, r) % n as u64) as u8)
+            (0..batch.num_rows())
+                .map(|r| (output::key_hash(&mut buf, &cols, r) % n) as u32)
                 .collect()
         }
-    };
-    let mut idx: Vec<Vec<u32>> = vec![Vec::with_capacity(rows / n + 1); n];
-    for (r, &s) in shard_of.iter().enumerate() {
-        idx[s as usize].push(r as u32);
     }
+}
+
+/// Row indices of each bucket, in row order.
+fn bucket_rows(batch: &RecordBatch, keys: &[String], n: usize) -> Vec<Vec<u32>> {
+    let ids = bucket_ids(batch, keys, n);
+    let mut idx: Vec<Vec<u32>> = vec![Vec::with_capacity(ids.len() / n + 1); n];
+    for (r, &b) in ids.iter().enumerate() {
+        idx[b as usize].push(r as u32);
+    }
+    idx
+}
+
+/// Cuts `batch` into `n` batches by a hash of its key columns, keeping row order within each.
+/// Every row of a key lands in the same bucket whatever batch it comes in, so pending events
+/// and new events cut with the same `n` can be stepped bucket by bucket ([`Engine::step_to`]).
+pub fn split_by_key(
+    batch: &RecordBatch,
+    keys: &[String],
+    n: usize,
+) -> Result<Vec<RecordBatch>, ArrowError> {
+    if n <= 1 {
+        return Ok(vec![batch.clone()]);
+    }
+    bucket_rows(batch, keys, n)
+        .into_iter()
+        .map(|idx| take_record_batch(batch, &arrow::array::UInt32Array::from(idx)))
+        .collect()
+}
+
+/// [`split_by_key`] for the engine's own shards, gathered on a thread per shard and returned
+/// with each shard's count of pending rows (they still come first).
+fn shard_by_key(
+    all: &RecordBatch,
+    keys: &[String],
+    pending_rows: usize,
+    n: usize,
+) -> Result<Vec<(RecordBatch, usize)>, ArrowError> {
     // The gathers copy every column, strings included: one thread per shard.
-    on_threads(idx, |idx| {
+    on_threads(bucket_rows(all, keys, n), |idx| {
         let pending = idx.partition_point(|&r| (r as usize) < pending_rows);
         take_record_batch(all, &arrow::array::UInt32Array::from(idx)).map(|b| (b, pending))
     })
