@@ -199,6 +199,10 @@ pub struct SessionizeArgs {
     /// Cut a backlog into batches of at most this many bytes of data files (512MiB, 2GiB).
     #[arg(long, env = "SESSIONIZER_MAX_BYTES_PER_BATCH")]
     pub max_bytes_per_batch: Option<ByteSize>,
+    /// Fold a batch in key buckets of about this many bytes of data files each, on every core.
+    /// Smaller buckets hold less memory at once; the sessions are the same for any size.
+    #[arg(long, env = "SESSIONIZER_BUCKET_SIZE", default_value = "4MiB")]
+    pub bucket_size: ByteSize,
     /// For a new checkpoint only: the first events version to read.
     #[arg(long, env = "SESSIONIZER_STARTING_VERSION")]
     pub starting_version: Option<u64>,

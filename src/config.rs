@@ -323,6 +323,7 @@ pub struct Settings {
     pub on_change_commit: OnChangeCommit,
     pub max_files_per_batch: usize,
     pub max_bytes_per_batch: Option<ByteSize>,
+    pub bucket_size: ByteSize,
     pub starting_version: Option<u64>,
     pub starting_timestamp: Option<chrono::DateTime<chrono::Utc>>,
     pub break_lock: bool,
@@ -368,6 +369,9 @@ impl Settings {
         }
         if self.max_files_per_batch == 0 {
             return Err("--max-files-per-batch must be at least 1".into());
+        }
+        if self.bucket_size.0 == 0 {
+            return Err("--bucket-size must be at least 1B (the default is 4MiB)".into());
         }
         let t = &self.tables;
         let outputs = [

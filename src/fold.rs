@@ -21,18 +21,19 @@ use crate::engine::{Engine, FILE_COL, FilePiece, ROW_COL, StepMetrics, VERSION_C
 use crate::error::Result;
 use crate::sink::FileWriter;
 
-/// New events per bucket, counted in compressed Parquet bytes (about 330,000 click events); small enough for one bucket's sort to stay in cache-friendly sizes and for memory
-/// to follow the batch, large enough for few files.
-const BUCKET_BYTES: u64 = 4 << 20;
-/// Pending events per bucket.
-const BUCKET_PENDING_ROWS: usize = 500_000;
-/// More buckets than this only make more, smaller files.
+/// Pending events per bucket for each MiB of `--bucket-size`: the default 4MiB (about 330,000
+/// click events of new data) takes 500,000 pending events.
+const PENDING_ROWS_PER_MIB: u64 = 125_000;
+/// More buckets than this only add overhead.
 const MAX_BUCKETS: u64 = 256;
 
-/// How many key buckets a batch with `new_bytes` of new data files and `pending_rows` pending
-/// events is cut into. Any count gives the same sessions; only the files differ.
-pub fn bucket_count(new_bytes: u64, pending_rows: usize) -> usize {
-    let n = new_bytes.div_ceil(BUCKET_BYTES) + pending_rows.div_ceil(BUCKET_PENDING_ROWS) as u64;
+/// How many key buckets of `bucket_bytes` a batch with `new_bytes` of new data files and
+/// `pending_rows` pending events is cut into. Any count gives the same sessions; the count only
+/// sets how much of the batch is being folded at once.
+pub fn bucket_count(new_bytes: u64, pending_rows: usize, bucket_bytes: u64) -> usize {
+    let bucket_bytes = bucket_bytes.max(1);
+    let pending_per_bucket = (bucket_bytes.saturating_mul(PENDING_ROWS_PER_MIB) >> 20).max(1);
+    let n = new_bytes.div_ceil(bucket_bytes) + (pending_rows as u64).div_ceil(pending_per_bucket);
     n.clamp(1, MAX_BUCKETS) as usize
 }
 
@@ -225,10 +226,14 @@ mod tests {
 
     #[test]
     fn bucket_count_follows_the_batch() {
-        assert_eq!(bucket_count(0, 0), 1);
-        assert_eq!(bucket_count(150_000, 0), 1);
-        assert_eq!(bucket_count(120 << 20, 0), 30);
-        assert_eq!(bucket_count(150_000, 530_000), 3);
-        assert_eq!(bucket_count(u64::MAX / 2, 0), 256);
+        let mib4 = 4 << 20;
+        assert_eq!(bucket_count(0, 0, mib4), 1);
+        assert_eq!(bucket_count(150_000, 0, mib4), 1);
+        assert_eq!(bucket_count(120 << 20, 0, mib4), 30);
+        assert_eq!(bucket_count(120 << 20, 0, 8 << 20), 15);
+        assert_eq!(bucket_count(150_000, 530_000, mib4), 3);
+        assert_eq!(bucket_count(u64::MAX / 2, 0, mib4), 256);
+        assert_eq!(bucket_count(10_000, 10, 1), 256);
+        assert_eq!(bucket_count(10_000, 10, 0), 256);
     }
 }

@@ -155,6 +155,7 @@ impl SessionizeArgs {
             on_change_commit: self.on_change_commit,
             max_files_per_batch: self.max_files_per_batch,
             max_bytes_per_batch: self.max_bytes_per_batch,
+            bucket_size: self.bucket_size,
             starting_version: self.starting_version,
             starting_timestamp: self.starting_timestamp,
             break_lock: self.break_lock,
@@ -395,7 +396,7 @@ async fn run_locked(
         phases.plan += lap(&mut clock);
         let files: usize = vfs.iter().map(|v| v.files.len()).sum();
         let new_bytes: u64 = vfs.iter().flat_map(|v| &v.files).map(|f| f.size).sum();
-        let buckets = fold::bucket_count(new_bytes, pending.num_rows());
+        let buckets = fold::bucket_count(new_bytes, pending.num_rows(), settings.bucket_size.0);
         bar.set_message(format!("batch {seq}: reading {files} files"));
         let new_events =
             source::read_events(events.object_store(), &vfs, spec, read_plan, buckets).await?;

@@ -611,6 +611,72 @@ fn commit(version: i64, rows: &[(i64, i64, bool)]) -> RecordBatch {
     marked(version, &rows)
 }
 
+/// What a run does with a batch (see `crate::fold`): new events cut into `n` key buckets as
+/// file pieces, pending events cut the same way, each bucket stepped on its own with the whole
+/// batch's watermarks, the outputs put together in bucket order.
+fn step_in_buckets(
+    e: &Engine,
+    pending: &RecordBatch,
+    new: &[RecordBatch],
+    watermark: Option<i64>,
+    flush: bool,
+    n: usize,
+) -> (Vec<Sess>, RecordBatch, Option<i64>, StepMetrics) {
+    let schema = e.spec.normalized_schema();
+    let max_time = new
+        .iter()
+        .filter_map(|b| arrow::compute::max(time_column(b)))
+        .max();
+    let after = e.watermark_after(watermark, max_time);
+    let mut buckets: Vec<Vec<FilePiece>> = vec![Vec::new(); n];
+    for b in new {
+        let file = b
+            .column_by_name(FILE_COL)
+            .unwrap()
+            .as_primitive::<arrow::datatypes::Int32Type>();
+        let version = b
+            .column_by_name(VERSION_COL)
+            .unwrap()
+            .as_primitive::<Int64Type>();
+        if b.num_rows() == 0 {
+            continue;
+        }
+        let piece = FilePiece::from_normalized(b, version.value(0), file.value(0)).unwrap();
+        for (bucket, rows) in buckets
+            .iter_mut()
+            .zip(split_by_key(&piece.rows, &e.spec.key_columns, n).unwrap())
+        {
+            bucket.push(FilePiece {
+                rows,
+                ..piece.clone()
+            });
+        }
+    }
+    let pending_parts = split_by_key(pending, &e.spec.key_columns, n).unwrap();
+    let (mut closed, mut pend, mut metrics) = (Vec::new(), Vec::new(), StepMetrics::default());
+    for (p, pieces) in pending_parts.into_iter().zip(buckets) {
+        let batches: Vec<RecordBatch> = pieces
+            .into_iter()
+            .map(|piece| piece.into_normalized(&schema).unwrap())
+            .collect();
+        let events = concat_batches(&schema, &batches).unwrap();
+        let out = e.step_to(p, events, watermark, after, flush).unwrap();
+        assert_eq!(out.watermark, after);
+        closed.extend(sessions(&out.closed()));
+        pend.push(out.pending);
+        metrics.rows_read += out.metrics.rows_read;
+        metrics.rows_late += out.metrics.rows_late;
+        metrics.sessions_pending += out.metrics.sessions_pending;
+    }
+    closed.sort();
+    (
+        closed,
+        concat_batches(&schema, &pend).unwrap(),
+        after,
+        metrics,
+    )
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(400))]
 
@@ -626,6 +692,7 @@ proptest! {
         disorder in 0i64..14,
         gap_min in 1i64..40,
         runs_per_commit in 1usize..3,
+        buckets in 1usize..6,
     ) {
         let delay = 15i64;
         // Arrival order: sorted by time, then each event may be displaced backwards by less
@@ -660,16 +727,26 @@ proptest! {
         let mut pending = empty();
         let mut wm = None;
         let mut closed = Vec::new();
-        for chunk in commits.chunks(runs_per_commit) {
+        // Every other run goes through key buckets, as the run driver does.
+        for (i, chunk) in commits.chunks(runs_per_commit).enumerate() {
+            if i % 2 == 1 {
+                let (c, p, w, m) = step_in_buckets(&sharded, &pending, chunk, wm, false, buckets);
+                prop_assert_eq!(m.rows_late, 0);
+                prop_assert_eq!(m.rows_read, chunk.iter().map(|b| b.num_rows() as u64).sum::<u64>());
+                closed.extend(c);
+                (pending, wm) = (p, w);
+                continue;
+            }
             let out = sharded.step(&pending, chunk, wm, false).unwrap();
             prop_assert_eq!(out.metrics.rows_late, 0);
             closed.extend(sessions(&out.closed()));
             pending = out.pending;
             wm = out.watermark;
         }
-        let out = sharded.step(&pending, &[], wm, true).unwrap();
-        closed.extend(sessions(&out.closed()));
-        prop_assert_eq!(out.pending.num_rows(), 0);
+        let (c, p, _, m) = step_in_buckets(&sharded, &pending, &[], wm, true, buckets);
+        closed.extend(c);
+        prop_assert_eq!(p.num_rows(), 0);
+        prop_assert_eq!(m.sessions_pending, 0);
         closed.sort();
 
         let batch = e.step(&empty(), &commits, None, true).unwrap();

@@ -107,3 +107,71 @@ fn starting_timestamp_picks_the_first_version_committed_at_or_after_it() {
     ]);
     assert_eq!(both.code(), 2, "{}", both.stderr());
 }
+
+#[test]
+fn key_buckets_of_any_size_give_the_same_tables() {
+    let generate = |b: &Base| {
+        b.ok(&[
+            "generate-rows",
+            "--rows",
+            "30000",
+            "--commits",
+            "3",
+            "--users",
+            "900",
+            "--seed",
+            "11",
+            "--at",
+            "2026-02-15T00:00:00Z",
+        ]);
+    };
+    let (one, many) = (Base::new(), Base::new());
+    let mut summaries = Vec::new();
+    // One bucket per batch against the most buckets there can be (256, most nearly empty):
+    // two batches each, then a flush.
+    for (base, size) in [(&one, "1GiB"), (&many, "1B")] {
+        generate(base);
+        let s = base
+            .ok(&[
+                "sessionize",
+                "--max-files-per-batch",
+                "2",
+                "--bucket-size",
+                size,
+                "--output",
+                "json",
+            ])
+            .json();
+        assert_eq!(s["batches"], 2, "{s}");
+        let f = base
+            .ok(&[
+                "sessionize",
+                "--flush",
+                "--bucket-size",
+                size,
+                "--output",
+                "json",
+            ])
+            .json();
+        summaries.push((s, f));
+    }
+    for key in [
+        "rows_read",
+        "rows_late",
+        "sessions_closed",
+        "sessions_pending",
+    ] {
+        assert_eq!(summaries[0].0[key], summaries[1].0[key], "{key}");
+    }
+    assert_eq!(summaries[0].0["rows_read"], 30000);
+    assert!(summaries[0].0["sessions_pending"].as_u64().unwrap() > 0);
+    assert_eq!(
+        summaries[0].1["sessions_closed"],
+        summaries[1].1["sessions_closed"]
+    );
+    let sessions = one.rows("sessions");
+    assert!(sessions.len() > 900, "{} sessions", sessions.len());
+    assert_eq!(sessions, many.rows("sessions"));
+    assert_eq!(one.rows("live_sessions"), many.rows("live_sessions"));
+    assert_eq!(one.rows("checkpoint/state"), many.rows("checkpoint/state"));
+}
