@@ -47,6 +47,7 @@ fn main() -> ExitCode {
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_park(|| unsafe { libmimalloc_sys::mi_collect(false) })
         .build()
     {
         Ok(r) => r,

@@ -8,14 +8,19 @@
 //! commit may have arrived after the commit became durable (post-commit hooks), so errors are
 //! re-checked against the txn before they are believed.
 
-use arrow::array::RecordBatch;
-use arrow::datatypes::{DataType, Schema};
-use datafusion::prelude::SessionContext;
+use std::collections::HashSet;
+use std::hash::BuildHasherDefault;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, AsArray, BooleanArray, RecordBatch};
+use arrow::datatypes::{DataType, Int64Type, Schema};
+use arrow::row::{RowConverter, SortField};
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::{StructType, Transaction};
 use deltalake::protocol::SaveMode;
 use deltalake::{DeltaTable, DeltaTableError, TableProperty};
+use futures::StreamExt;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use parquet::schema::types::ColumnPath;
@@ -299,8 +304,67 @@ pub async fn append_once(
     commit_files(table, loc, adds, app_id, seq).await
 }
 
-/// MERGE-upserts the live rows on the key columns unless batch `seq` is already recorded.
-/// Returns the number of rows inserted or updated.
+type FastHash = BuildHasherDefault<twox_hash::XxHash64>;
+
+/// The keys of the rows being upserted, to find the old rows they replace.
+enum KeyMatch {
+    /// One integer key column that fits in an `i64` (the common case): the values themselves.
+    Int(HashSet<i64, FastHash>),
+    /// Any other key: row-encoded bytes.
+    Rows(RowConverter, HashSet<Box<[u8]>, FastHash>),
+}
+
+impl KeyMatch {
+    fn new(cols: &[ArrayRef]) -> Result<Self> {
+        use DataType::*;
+        // Every value of these types is an Int64 (UInt64 is not: it takes the general path).
+        if let [one] = cols
+            && matches!(
+                one.data_type(),
+                Int8 | Int16 | Int32 | Int64 | UInt8 | UInt16 | UInt32
+            )
+        {
+            let v = arrow::compute::cast(one, &DataType::Int64)?;
+            return Ok(Self::Int(
+                v.as_primitive::<Int64Type>().iter().flatten().collect(),
+            ));
+        }
+        let fields = cols
+            .iter()
+            .map(|c| SortField::new(c.data_type().clone()))
+            .collect();
+        let converter = RowConverter::new(fields)?;
+        let rows = converter.convert_columns(cols)?;
+        let set = rows.iter().map(|r| Box::from(r.as_ref())).collect();
+        Ok(Self::Rows(converter, set))
+    }
+
+    /// Which rows of these key columns hold a key that is not being upserted.
+    fn absent(&self, cols: &[ArrayRef]) -> Result<BooleanArray> {
+        Ok(match self {
+            Self::Int(set) => {
+                let v = arrow::compute::cast(&cols[0], &DataType::Int64)?;
+                v.as_primitive::<Int64Type>()
+                    .iter()
+                    .map(|k| Some(k.is_none_or(|k| !set.contains(&k))))
+                    .collect()
+            }
+            Self::Rows(converter, set) => converter
+                .convert_columns(cols)?
+                .iter()
+                .map(|r| Some(!set.contains(r.as_ref())))
+                .collect(),
+        })
+    }
+}
+
+/// Upserts the live rows on the key columns unless batch `seq` is already recorded: one Delta
+/// commit that removes the table's current files and adds files holding every row whose key is
+/// not among `rows`, plus `rows`. That is the copy-on-write MERGE delta-rs would commit
+/// (recorded as a MERGE, with the batch's txn), written as a stream: each old file is read
+/// batch by batch and filtered straight into a writer, so memory follows the batch, not the
+/// live table, and the old files and the new rows are encoded on every core. Returns the
+/// number of rows inserted or updated.
 pub async fn merge_live(
     table: DeltaTable,
     loc: &TableLocation,
@@ -309,12 +373,107 @@ pub async fn merge_live(
     app_id: &str,
     seq: i64,
 ) -> Result<(DeltaTable, usize)> {
-    if rows.num_rows() == 0 {
+    use deltalake::kernel::Action;
+    use deltalake::kernel::transaction::CommitBuilder;
+    use deltalake::protocol::{DeltaOperation, MergePredicate};
+
+    let upserted = rows.num_rows();
+    if upserted == 0 {
         return Ok((table, 0));
     }
     if txn_version(&table, app_id).await? >= Some(seq) {
         tracing::info!("{loc} already holds batch {seq}; skipping (replay after a crash)");
-        return Ok((table, rows.num_rows()));
+        return Ok((table, upserted));
+    }
+    let files: Vec<_> = table.snapshot()?.log_data().iter().collect();
+    if files
+        .iter()
+        .any(|f| f.deletion_vector_descriptor().is_some())
+    {
+        return Err(Error::usage(format!(
+            "the live table `{loc}` has deletion vectors (another engine wrote them); sessionizer              rewrites live files whole and cannot honour them. Purge them first (Spark: REORG              TABLE ... APPLY (PURGE)) or point --live at a new location"
+        )));
+    }
+    let key_cols = |b: &RecordBatch| -> Result<Vec<ArrayRef>> {
+        keys.iter()
+            .map(|k| {
+                b.column_by_name(k).cloned().ok_or_else(|| {
+                    Error::usage(format!(
+                        "the live table `{loc}` has no key column `{k}`; point --live at a new \
+                         location"
+                    ))
+                })
+            })
+            .collect()
+    };
+    // Only needed to filter old rows: a new live table has none.
+    let new_keys = if files.is_empty() {
+        None
+    } else {
+        Some(Arc::new(KeyMatch::new(&key_cols(&rows)?)?))
+    };
+    let schema = table.snapshot()?.snapshot().arrow_schema();
+    let props = append_writer_properties(&schema);
+    let store = table.object_store();
+    let mut tasks = tokio::task::JoinSet::new();
+    // The new rows, in up to one slice per core.
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let n = rows.num_rows();
+    let chunk = n.div_ceil((n / 250_000).clamp(1, cores));
+    for start in (0..n).step_by(chunk) {
+        let slice = rows.slice(start, chunk.min(n - start));
+        let mut writer = FileWriter::new(&table, &props)?;
+        tasks.spawn(async move {
+            writer.write(slice).await?;
+            writer.finish().await
+        });
+    }
+    // Every old file, less the rows whose key is being upserted.
+    let mut removes = Vec::with_capacity(files.len());
+    for file in &files {
+        removes.push(Action::Remove(file.remove_action(true)));
+        let (path, size) = (file.object_store_path(), file.size() as u64);
+        let (store, new_keys) = (
+            store.clone(),
+            new_keys.clone().expect("built when files exist"),
+        );
+        let keys = keys.to_vec();
+        let mut writer = FileWriter::new(&table, &props)?;
+        tasks.spawn(async move {
+            #[allow(deprecated)]
+            let reader =
+                parquet::arrow::async_reader::ParquetObjectReader::new(store, path.clone())
+                    .with_file_size(size);
+            let mut stream =
+                parquet::arrow::async_reader::ParquetRecordBatchStreamBuilder::new(reader)
+                    .await?
+                    .with_batch_size(64 * 1024)
+                    .build()?;
+            while let Some(batch) = stream.next().await {
+                let batch = batch?;
+                let cols = keys
+                    .iter()
+                    .map(|k| {
+                        batch.column_by_name(k).cloned().ok_or_else(|| {
+                            Error::usage(format!(
+                                "a file of the live table, `{path}`, has no key column `{k}`"
+                            ))
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let keep = new_keys.absent(&cols)?;
+                writer
+                    .write(arrow::compute::filter_record_batch(&batch, &keep)?)
+                    .await?;
+            }
+            writer.finish().await
+        });
+    }
+    let mut actions = removes;
+    while let Some(done) = tasks.join_next().await {
+        // A panic in a writer task is a bug: let it end the run as one (exit 101).
+        let adds = done.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
+        actions.extend(adds.into_iter().map(Action::Add));
     }
     let q = |c: &str| format!("\"{}\"", c.replace('"', "\"\""));
     let predicate = keys
@@ -322,37 +481,31 @@ pub async fn merge_live(
         .map(|k| format!("target.{} = source.{}", q(k), q(k)))
         .collect::<Vec<_>>()
         .join(" AND ");
-    let columns: Vec<String> = rows
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| f.name().clone())
-        .collect();
-    let ctx = SessionContext::new();
-    let source = ctx.read_batch(rows)?;
-    let result = table
-        .merge(source, predicate)
-        .with_source_alias("source")
-        .with_target_alias("target")
-        .when_matched_update(|mut u| {
-            for c in columns.iter().filter(|c| !keys.contains(c)) {
-                u = u.update(q(c), format!("source.{}", q(c)));
-            }
-            u
-        })?
-        .when_not_matched_insert(|mut i| {
-            for c in &columns {
-                i = i.set(q(c), format!("source.{}", q(c)));
-            }
-            i
-        })?
-        .with_commit_properties(txn_props(app_id, seq))
-        .await;
-    match result {
-        Ok((t, m)) => Ok((t, m.num_target_rows_inserted + m.num_target_rows_updated)),
-        Err(e) => {
-            let t = committed_or_recheck(Err(e), loc, app_id, seq).await?;
-            Ok((t, 0))
-        }
+    let operation = DeltaOperation::Merge {
+        predicate: Some(predicate.clone()),
+        merge_predicate: Some(predicate),
+        matched_predicates: vec![MergePredicate {
+            action_type: "update".into(),
+            predicate: None,
+        }],
+        not_matched_predicates: vec![MergePredicate {
+            action_type: "insert".into(),
+            predicate: None,
+        }],
+        not_matched_by_source_predicates: vec![],
+    };
+    let committed: std::result::Result<DeltaTable, DeltaTableError> = async {
+        let committed = CommitBuilder::from(txn_props(app_id, seq))
+            .with_actions(actions)
+            .build(Some(table.snapshot()?), table.log_store(), operation)
+            .await?;
+        let mut table = table;
+        table.update_incremental(Some(committed.version())).await?;
+        Ok(table)
     }
+    .await;
+    Ok((
+        committed_or_recheck(committed, loc, app_id, seq).await?,
+        upserted,
+    ))
 }

@@ -462,6 +462,22 @@ async fn read_file(
         buckets: vec![Vec::new(); buckets.max(1)],
         ..Default::default()
     };
+    // Each bucket's rows of this file are gathered into one contiguous piece, so that freeing a
+    // folded bucket gives whole buffers back rather than holes in pages shared with the others.
+    let mut small: Vec<Vec<RecordBatch>> = vec![Vec::new(); buckets.max(1)];
+    let gather = |small: &mut Vec<RecordBatch>| -> Result<Option<FilePiece>> {
+        let rows = match small.as_slice() {
+            [] => return Ok(None),
+            [one] => one.clone(),
+            many => arrow::compute::concat_batches(&many[0].schema(), many)?,
+        };
+        small.clear();
+        Ok(Some(FilePiece {
+            version: version as i64,
+            file: file_idx,
+            rows,
+        }))
+    };
     let mut row = 0i64;
     while let Some(batch) = stream.next().await {
         let batch = with_partition_columns(batch?, file, &plan.schema)?;
@@ -479,11 +495,17 @@ async fn read_file(
         ));
         let compact = FilePiece::from_normalized(&normalized, version as i64, file_idx)?;
         drop(normalized);
-        let pieces = split_by_key(&compact.rows, &spec.key_columns, buckets)?;
-        for (bucket, rows) in out.buckets.iter_mut().zip(pieces) {
-            bucket.push(FilePiece { rows, ..compact });
+        for (bucket, rows) in
+            small
+                .iter_mut()
+                .zip(split_by_key(&compact.rows, &spec.key_columns, buckets)?)
+        {
+            bucket.push(rows);
         }
         row += n;
+    }
+    for (pieces, small) in out.buckets.iter_mut().zip(&mut small) {
+        pieces.extend(gather(small)?);
     }
     Ok(out)
 }
