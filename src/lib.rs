@@ -24,6 +24,7 @@ pub mod engine;
 pub mod error;
 pub mod failpoint;
 pub mod fold;
+pub mod memory;
 pub mod progress;
 pub mod sink;
 pub mod source;

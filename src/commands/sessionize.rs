@@ -326,6 +326,9 @@ async fn run_locked(
         None => None,
     };
 
+    if settings.max_bytes_per_batch.is_some() {
+        crate::memory::return_freed_memory_at_once();
+    }
     let limits = BatchLimits {
         max_files: settings.max_files_per_batch,
         max_bytes: settings.max_bytes_per_batch,
