@@ -1,7 +1,7 @@
 //! How eagerly freed memory goes back to the operating system.
 //!
-//! The binary allocates with mimalloc (see `main.rs`). By default mimalloc keeps freed pages
-//! for a few milliseconds before returning them, and under a run's steady churn of large Arrow
+//! The binary allocates with mimalloc (see `main.rs`). By default mimalloc (v3) keeps freed
+//! pages for a second before returning them, and under a run's steady churn of large Arrow
 //! buffers that means pages are reused rather than faulted in again: fast, but resident memory
 //! holds freed pages too, and creeps up over many batches. When a run is given a memory budget
 //! (`--max-bytes-per-batch`), pages are returned as soon as they are free instead, so the peak
@@ -9,9 +9,10 @@
 //! time per ten million events). Where mimalloc is not the allocator (tests), this changes
 //! nothing.
 
-/// `mi_option_purge_delay` in mimalloc.h (v3): milliseconds before freed memory is returned.
+/// `mi_option_purge_delay` in mimalloc.h (v3): milliseconds before freed memory is returned
+/// (1000 by default; the header's comment still says 10).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-/// `mi_option_arena_purge_mult`: the multiplier of that delay for arena memory.
+/// `mi_option_arena_purge_mult`: the multiplier of that delay for arena memory (1).
 const MI_OPTION_ARENA_PURGE_MULT: libmimalloc_sys::mi_option_t = 24;
 
 /// Returns freed memory to the operating system at once from now on.
