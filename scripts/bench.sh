@@ -2,6 +2,10 @@
 # Benchmark: a backlog of N events sessionized in one run, then the incremental case.
 #
 #   scripts/bench.sh [--events N] [--commits C] [--users U] [--seed S] [--small-commits K]
+#                    [--batch-limit SIZE]
+#
+# The backlog is also run once more, on a copy of the same events, with
+# `--max-bytes-per-batch SIZE` (default 32MiB) to show the peak memory following the batch.
 #
 # Prints the figures of each run (wall seconds, events/s, peak RSS, per-phase times from the
 # JSON summary) and ends with `bench: N events in S s = E events/s, peak RSS M MiB`.
@@ -14,6 +18,7 @@ COMMITS=10
 USERS=""
 SEED=7
 SMALL_COMMITS=1000
+BATCH_LIMIT=32MiB
 while [ $# -gt 0 ]; do
     case "$1" in
         --events) EVENTS="$2"; shift 2 ;;
@@ -21,6 +26,7 @@ while [ $# -gt 0 ]; do
         --users) USERS="$2"; shift 2 ;;
         --seed) SEED="$2"; shift 2 ;;
         --small-commits) SMALL_COMMITS="$2"; shift 2 ;;
+        --batch-limit) BATCH_LIMIT="$2"; shift 2 ;;
         *) echo "bench: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -40,7 +46,7 @@ AT="2026-02-15T00:00:00Z"
 # Runs `sessionize` under /usr/bin/time; prints one table row; leaves the JSON in $BASE/last.json.
 measure() {
     local label="$1"; shift
-    /usr/bin/time -v "$BIN" sessionize --base-dir "$BASE" --output json "$@" \
+    /usr/bin/time -v "$BIN" sessionize --base-dir "${RUN_BASE:-$BASE}" --output json "$@" \
         >"$BASE/last.json" 2>"$BASE/time.txt" || { cat "$BASE/time.txt" >&2; exit 1; }
     python3 - "$label" "$BASE/last.json" "$BASE/time.txt" <<'PY'
 import json, re, sys
@@ -65,6 +71,8 @@ start=$(date +%s.%N)
 echo "bench: generated in $(python3 -c "print(f'{$(date +%s.%N) - $start:.1f}')") s" >&2
 # Let the generated files reach the disk first: a real backlog was written long before the run,
 # and write-back of freshly generated files otherwise lands in the read phase (seconds here).
+# A copy of the same events for the run with a batch limit.
+mkdir -p "$BASE/limited" && cp -r "$BASE/events" "$BASE/limited/events"
 sync
 
 echo "| run | events | closed | pending | wall s | events/s | peak RSS MiB | plan | read | sessionize | write_sessions | merge_live | write_state | commit |"
@@ -83,4 +91,8 @@ measure "+$SMALL_COMMITS small commits"
 "$BIN" generate-rows --base-dir "$BASE" --rows 10000 --commits 1 --users "$USERS" --seed $((SEED + 3)) --at "2026-02-16T06:00:00Z" >/dev/null
 measure "+1 commit of 10,000, after them"
 
+RUN_BASE="$BASE/limited" measure "backlog, --max-bytes-per-batch $BATCH_LIMIT" --max-bytes-per-batch "$BATCH_LIMIT"
+read -r L_ROWS L_SECS L_RATE L_RSS < "$BASE/last.json.line" || true
+
+echo "bench: with --max-bytes-per-batch $BATCH_LIMIT: $L_ROWS events in $L_SECS s, peak RSS $L_RSS MiB"
 echo "bench: $B_ROWS events in $B_SECS s = $B_RATE events/s, peak RSS $B_RSS MiB"

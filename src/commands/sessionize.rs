@@ -302,9 +302,8 @@ async fn run_locked(
 
     let mut state = cp.state_table().await?;
     let mut progress = cp.progress(state.as_ref()).await?;
-    let mut pending = cp
-        .pending(state.as_ref(), &spec.normalized_schema())
-        .await?;
+    // The pending events are read when a batch needs them: a run with nothing new skips them.
+    let mut pending: Option<RecordBatch> = None;
     let mut next = match (progress.last_version, &settings.starting_timestamp) {
         (Some(v), _) => v + 1,
         (None, Some(ts)) => source::first_version_at_or_after(&log_store, latest, ts).await?,
@@ -377,8 +376,17 @@ async fn run_locked(
                 };
                 let last = vfs.last().map(|v: &VersionFiles| v.version);
                 let reaches_latest = last.is_none_or(|l| l == latest);
-                if vfs.is_empty() && !(settings.flush && pending.num_rows() > 0) {
+                if vfs.is_empty() && !settings.flush {
                     break;
+                }
+                if vfs.is_empty() {
+                    let p = cp
+                        .pending(state.as_ref(), &spec.normalized_schema())
+                        .await?;
+                    if p.num_rows() == 0 {
+                        break;
+                    }
+                    pending = Some(p);
                 }
                 let plan = Plan {
                     seq,
@@ -399,7 +407,14 @@ async fn run_locked(
         phases.plan += lap(&mut clock);
         let files: usize = vfs.iter().map(|v| v.files.len()).sum();
         let new_bytes: u64 = vfs.iter().flat_map(|v| &v.files).map(|f| f.size).sum();
-        let buckets = fold::bucket_count(new_bytes, pending.num_rows(), settings.bucket_size.0);
+        let open_events = match pending.take() {
+            Some(p) => p,
+            None => {
+                cp.pending(state.as_ref(), &spec.normalized_schema())
+                    .await?
+            }
+        };
+        let buckets = fold::bucket_count(new_bytes, open_events.num_rows(), settings.bucket_size.0);
         bar.set_message(format!("batch {seq}: reading {files} files"));
         let new_events =
             source::read_events(events.object_store(), &vfs, spec, read_plan, buckets).await?;
@@ -408,14 +423,8 @@ async fn run_locked(
         bar.set_message(format!("batch {seq}: sessionizing"));
         let new_watermark = engine.watermark_after(progress.watermark_us, new_events.max_time);
         // The pending events live on only in their buckets.
-        let pending_parts = split_by_key(
-            &std::mem::replace(
-                &mut pending,
-                RecordBatch::new_empty(spec.normalized_schema()),
-            ),
-            &spec.key_columns,
-            buckets,
-        )?;
+        let pending_parts = split_by_key(&open_events, &spec.key_columns, buckets)?;
+        drop(open_events);
         let threads = fold::threads(buckets);
         let writers = sink::append_writers(&sessions, &t.sessions, &app_id, seq, threads).await?;
         let mut out = fold::fold_buckets(
@@ -495,7 +504,7 @@ async fn run_locked(
             last_read = Some(b);
         }
         progress = new_progress;
-        pending = out.pending;
+        pending = Some(out.pending);
         next = progress.last_version.map_or(0, |v| v + 1);
         bar.inc(vfs.len() as u64);
         if plan.flush {
