@@ -451,14 +451,24 @@ impl Checkpoint {
                 PROGRESS_KEY.to_string(),
                 serde_json::to_value(progress).expect("serializable"),
             )]);
-        let result = table
-            .clone()
-            .write(vec![pending])
-            .with_save_mode(SaveMode::Overwrite)
-            .with_commit_properties(props)
-            .await;
-        crate::sink::committed_or_recheck(result, &self.state_location(), app_id, progress.seq)
-            .await
+        // The pending events replace the previous ones in one overwrite commit.
+        let operation = deltalake::protocol::DeltaOperation::Write {
+            mode: SaveMode::Overwrite,
+            partition_by: None,
+            predicate: None,
+        };
+        let loc = self.state_location();
+        crate::sink::rewrite(
+            table,
+            &loc,
+            pending,
+            None,
+            props,
+            operation,
+            app_id,
+            progress.seq,
+        )
+        .await
     }
 }
 

@@ -358,13 +358,9 @@ impl KeyMatch {
     }
 }
 
-/// Upserts the live rows on the key columns unless batch `seq` is already recorded: one Delta
-/// commit that removes the table's current files and adds files holding every row whose key is
-/// not among `rows`, plus `rows`. That is the copy-on-write MERGE delta-rs would commit
-/// (recorded as a MERGE, with the batch's txn), written as a stream: each old file is read
-/// batch by batch and filtered straight into a writer, so memory follows the batch, not the
-/// live table, and the old files and the new rows are encoded on every core. Returns the
-/// number of rows inserted or updated.
+/// Upserts the live rows on the key columns unless batch `seq` is already recorded: the
+/// copy-on-write MERGE delta-rs would commit (recorded as a MERGE, with the batch's txn), written
+/// by [`rewrite`] as a stream. Returns the number of rows inserted or updated.
 pub async fn merge_live(
     table: DeltaTable,
     loc: &TableLocation,
@@ -373,8 +369,6 @@ pub async fn merge_live(
     app_id: &str,
     seq: i64,
 ) -> Result<(DeltaTable, usize)> {
-    use deltalake::kernel::Action;
-    use deltalake::kernel::transaction::CommitBuilder;
     use deltalake::protocol::{DeltaOperation, MergePredicate};
 
     let upserted = rows.num_rows();
@@ -384,96 +378,6 @@ pub async fn merge_live(
     if txn_version(&table, app_id).await? >= Some(seq) {
         tracing::info!("{loc} already holds batch {seq}; skipping (replay after a crash)");
         return Ok((table, upserted));
-    }
-    let files: Vec<_> = table.snapshot()?.log_data().iter().collect();
-    if files
-        .iter()
-        .any(|f| f.deletion_vector_descriptor().is_some())
-    {
-        return Err(Error::usage(format!(
-            "the live table `{loc}` has deletion vectors (another engine wrote them); sessionizer              rewrites live files whole and cannot honour them. Purge them first (Spark: REORG              TABLE ... APPLY (PURGE)) or point --live at a new location"
-        )));
-    }
-    let key_cols = |b: &RecordBatch| -> Result<Vec<ArrayRef>> {
-        keys.iter()
-            .map(|k| {
-                b.column_by_name(k).cloned().ok_or_else(|| {
-                    Error::usage(format!(
-                        "the live table `{loc}` has no key column `{k}`; point --live at a new \
-                         location"
-                    ))
-                })
-            })
-            .collect()
-    };
-    // Only needed to filter old rows: a new live table has none.
-    let new_keys = if files.is_empty() {
-        None
-    } else {
-        Some(Arc::new(KeyMatch::new(&key_cols(&rows)?)?))
-    };
-    let schema = table.snapshot()?.snapshot().arrow_schema();
-    let props = append_writer_properties(&schema);
-    let store = table.object_store();
-    let mut tasks = tokio::task::JoinSet::new();
-    // The new rows, in up to one slice per core.
-    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-    let n = rows.num_rows();
-    let chunk = n.div_ceil((n / 250_000).clamp(1, cores));
-    for start in (0..n).step_by(chunk) {
-        let slice = rows.slice(start, chunk.min(n - start));
-        let mut writer = FileWriter::new(&table, &props)?;
-        tasks.spawn(async move {
-            writer.write(slice).await?;
-            writer.finish().await
-        });
-    }
-    // Every old file, less the rows whose key is being upserted.
-    let mut removes = Vec::with_capacity(files.len());
-    for file in &files {
-        removes.push(Action::Remove(file.remove_action(true)));
-        let (path, size) = (file.object_store_path(), file.size() as u64);
-        let (store, new_keys) = (
-            store.clone(),
-            new_keys.clone().expect("built when files exist"),
-        );
-        let keys = keys.to_vec();
-        let mut writer = FileWriter::new(&table, &props)?;
-        tasks.spawn(async move {
-            #[allow(deprecated)]
-            let reader =
-                parquet::arrow::async_reader::ParquetObjectReader::new(store, path.clone())
-                    .with_file_size(size);
-            let mut stream =
-                parquet::arrow::async_reader::ParquetRecordBatchStreamBuilder::new(reader)
-                    .await?
-                    .with_batch_size(64 * 1024)
-                    .build()?;
-            while let Some(batch) = stream.next().await {
-                let batch = batch?;
-                let cols = keys
-                    .iter()
-                    .map(|k| {
-                        batch.column_by_name(k).cloned().ok_or_else(|| {
-                            Error::usage(format!(
-                                "a file of the live table, `{path}`, has no key column `{k}`"
-                            ))
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                let keep = new_keys.absent(&cols)?;
-                writer
-                    .write(arrow::compute::filter_record_batch(&batch, &keep)?)
-                    .await?;
-            }
-            writer.finish().await
-        });
-    }
-    let mut actions = removes;
-    while let Some(done) = tasks.join_next().await {
-        // A panic in a writer task is a bug: let it end the run as one (exit 101).
-        let adds = done.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
-        actions.extend(adds.into_iter().map(Action::Add));
     }
     let q = |c: &str| format!("\"{}\"", c.replace('"', "\"\""));
     let predicate = keys
@@ -494,8 +398,126 @@ pub async fn merge_live(
         }],
         not_matched_by_source_predicates: vec![],
     };
+    let props = txn_props(app_id, seq);
+    let table = rewrite(table, loc, rows, Some(keys), props, operation, app_id, seq).await?;
+    Ok((table, upserted))
+}
+
+/// Replaces the table's rows in one commit: removes every current file and adds files holding
+/// `rows` plus, with `keep_other_keys`, the old rows whose key (on those columns) is not among
+/// `rows`. The commit carries `props` (the batch's txn and any metadata) and is recorded as
+/// `operation`.
+///
+/// It is written as a stream: each old file is read batch by batch and filtered straight into
+/// a writer, so memory follows a file batch, not the table, and the old files and the new rows
+/// are encoded on every core. (delta-rs's MERGE joins the whole table in memory, and its
+/// overwrite encodes on one thread.)
+#[allow(clippy::too_many_arguments)]
+pub async fn rewrite(
+    table: DeltaTable,
+    loc: &TableLocation,
+    rows: RecordBatch,
+    keep_other_keys: Option<&[String]>,
+    props: CommitProperties,
+    operation: deltalake::protocol::DeltaOperation,
+    app_id: &str,
+    seq: i64,
+) -> Result<DeltaTable> {
+    use deltalake::kernel::Action;
+    use deltalake::kernel::transaction::CommitBuilder;
+
+    let files: Vec<_> = table.snapshot()?.log_data().iter().collect();
+    let mut removes: Vec<Action> = files
+        .iter()
+        .map(|f| Action::Remove(f.remove_action(true)))
+        .collect();
+    // The old rows to carry over, file by file, with the filter that keeps them.
+    let mut carried = Vec::new();
+    if let Some(keys) = keep_other_keys.filter(|_| !files.is_empty()) {
+        if files
+            .iter()
+            .any(|f| f.deletion_vector_descriptor().is_some())
+        {
+            return Err(Error::usage(format!(
+                "the table `{loc}` has deletion vectors (another engine wrote them); sessionizer \
+                 rewrites its files whole and cannot honour them. Purge them first (Spark: REORG \
+                 TABLE ... APPLY (PURGE)) or point sessionizer at a new location"
+            )));
+        }
+        let key_cols = |b: &RecordBatch| -> Result<Vec<ArrayRef>> {
+            keys.iter()
+                .map(|k| {
+                    b.column_by_name(k).cloned().ok_or_else(|| {
+                        Error::usage(format!(
+                            "the table `{loc}` has no key column `{k}`; point sessionizer at a \
+                             new location"
+                        ))
+                    })
+                })
+                .collect()
+        };
+        let new_keys = Arc::new(KeyMatch::new(&key_cols(&rows)?)?);
+        for f in &files {
+            carried.push((f.object_store_path(), f.size() as u64, new_keys.clone()));
+        }
+    }
+
+    let schema = table.snapshot()?.snapshot().arrow_schema();
+    let wp = append_writer_properties(&schema);
+    let store = table.object_store();
+    let mut tasks = tokio::task::JoinSet::new();
+    // The new rows, in up to one slice per core.
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let n = rows.num_rows();
+    let chunk = n.div_ceil((n / 250_000).clamp(1, cores)).max(1);
+    for start in (0..n).step_by(chunk) {
+        let slice = rows.slice(start, chunk.min(n - start));
+        let mut writer = FileWriter::new(&table, &wp)?;
+        tasks.spawn(async move {
+            writer.write(slice).await?;
+            writer.finish().await
+        });
+    }
+    for (path, size, new_keys) in carried {
+        let store = store.clone();
+        let keys = keep_other_keys.unwrap_or_default().to_vec();
+        let mut writer = FileWriter::new(&table, &wp)?;
+        tasks.spawn(async move {
+            #[allow(deprecated)]
+            let reader =
+                parquet::arrow::async_reader::ParquetObjectReader::new(store, path.clone())
+                    .with_file_size(size);
+            let mut stream =
+                parquet::arrow::async_reader::ParquetRecordBatchStreamBuilder::new(reader)
+                    .await?
+                    .with_batch_size(64 * 1024)
+                    .build()?;
+            while let Some(batch) = stream.next().await {
+                let batch = batch?;
+                let cols = keys
+                    .iter()
+                    .map(|k| {
+                        batch.column_by_name(k).cloned().ok_or_else(|| {
+                            Error::usage(format!("a data file, `{path}`, has no key column `{k}`"))
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let keep = new_keys.absent(&cols)?;
+                writer
+                    .write(arrow::compute::filter_record_batch(&batch, &keep)?)
+                    .await?;
+            }
+            writer.finish().await
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        // A panic in a writer task is a bug: let it end the run as one (exit 101).
+        let adds = done.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
+        removes.extend(adds.into_iter().map(Action::Add));
+    }
+    let actions = removes;
     let committed: std::result::Result<DeltaTable, DeltaTableError> = async {
-        let committed = CommitBuilder::from(txn_props(app_id, seq))
+        let committed = CommitBuilder::from(props)
             .with_actions(actions)
             .build(Some(table.snapshot()?), table.log_store(), operation)
             .await?;
@@ -504,8 +526,5 @@ pub async fn merge_live(
         Ok(table)
     }
     .await;
-    Ok((
-        committed_or_recheck(committed, loc, app_id, seq).await?,
-        upserted,
-    ))
+    committed_or_recheck(committed, loc, app_id, seq).await
 }
