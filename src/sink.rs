@@ -1,5 +1,6 @@
-//! Writing the outputs: the append-only sessions table, the MERGE-upserted live table, and the
-//! optional late/invalid rows table.
+//! Writing the outputs: the append-only sessions table, the live table (upserted on the key in
+//! one MERGE commit), the optional late/invalid rows table, and the rewrite that also replaces
+//! the checkpoint's pending state.
 //!
 //! Every commit carries the checkpoint's application transaction (`txn`): app id of the
 //! checkpoint, version = batch sequence number. delta-rs does not skip a commit whose txn is
@@ -249,7 +250,6 @@ pub async fn commit_files(
     seq: i64,
 ) -> Result<(DeltaTable, bool)> {
     use deltalake::kernel::Action;
-    use deltalake::kernel::transaction::CommitBuilder;
     use deltalake::protocol::DeltaOperation;
 
     if adds.is_empty() {
@@ -260,9 +260,27 @@ pub async fn commit_files(
         partition_by: None,
         predicate: None,
     };
+    let actions = adds.into_iter().map(Action::Add).collect();
+    let props = txn_props(app_id, seq);
+    let table = commit(table, loc, actions, props, operation, app_id, seq).await?;
+    Ok((table, true))
+}
+
+/// Commits `actions` with `props` (the batch's txn, any metadata) as `operation`, then brings
+/// the table up to that commit; an error is re-checked against the txn before it is believed.
+async fn commit(
+    table: DeltaTable,
+    loc: &TableLocation,
+    actions: Vec<deltalake::kernel::Action>,
+    props: CommitProperties,
+    operation: deltalake::protocol::DeltaOperation,
+    app_id: &str,
+    seq: i64,
+) -> Result<DeltaTable> {
+    use deltalake::kernel::transaction::CommitBuilder;
     let committed: std::result::Result<DeltaTable, DeltaTableError> = async {
-        let committed = CommitBuilder::from(txn_props(app_id, seq))
-            .with_actions(adds.into_iter().map(Action::Add).collect())
+        let committed = CommitBuilder::from(props)
+            .with_actions(actions)
             .build(Some(table.snapshot()?), table.log_store(), operation)
             .await?;
         // Replays just the commit made here onto the table's snapshot.
@@ -271,10 +289,7 @@ pub async fn commit_files(
         Ok(table)
     }
     .await;
-    Ok((
-        committed_or_recheck(committed, loc, app_id, seq).await?,
-        true,
-    ))
+    committed_or_recheck(committed, loc, app_id, seq).await
 }
 
 fn txn_props(app_id: &str, seq: i64) -> CommitProperties {
@@ -424,7 +439,6 @@ pub async fn rewrite(
     seq: i64,
 ) -> Result<DeltaTable> {
     use deltalake::kernel::Action;
-    use deltalake::kernel::transaction::CommitBuilder;
 
     let files: Vec<_> = table.snapshot()?.log_data().iter().collect();
     let mut removes: Vec<Action> = files
@@ -515,16 +529,5 @@ pub async fn rewrite(
         let adds = done.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
         removes.extend(adds.into_iter().map(Action::Add));
     }
-    let actions = removes;
-    let committed: std::result::Result<DeltaTable, DeltaTableError> = async {
-        let committed = CommitBuilder::from(props)
-            .with_actions(actions)
-            .build(Some(table.snapshot()?), table.log_store(), operation)
-            .await?;
-        let mut table = table;
-        table.update_incremental(Some(committed.version())).await?;
-        Ok(table)
-    }
-    .await;
-    committed_or_recheck(committed, loc, app_id, seq).await
+    commit(table, loc, removes, props, operation, app_id, seq).await
 }
