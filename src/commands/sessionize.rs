@@ -442,6 +442,13 @@ async fn run_locked(
         // two phases in proportion to the threads' time in each.
         let stage = lap(&mut clock);
         let (f, w) = (out.fold_time.as_secs_f64(), out.write_time.as_secs_f64());
+        tracing::debug!(
+            buckets,
+            threads,
+            fold_thread_ms = (f * 1000.0) as u64,
+            write_thread_ms = (w * 1000.0) as u64,
+            "engine threads done"
+        );
         let fold_share = if f + w > 0.0 { f / (f + w) } else { 1.0 };
         let fold_ms = (stage as f64 * fold_share).round() as u64;
         phases.sessionize += fold_ms;
