@@ -119,11 +119,12 @@ pub async fn fold_buckets(
                         return Ok(());
                     };
                     let t = Instant::now();
-                    let events = pieces
+                    let parts = pieces
                         .into_iter()
                         .map(|p| p.into_normalized(&schema))
                         .collect::<std::result::Result<Vec<_>, _>>()?;
-                    let events = concat_batches(&schema, &events)?;
+                    let events = concat_batches(&schema, &parts)?;
+                    drop(parts);
                     let step = engine.step_to(pending, events, watermark, new_watermark, flush)?;
                     out.fold_time += t.elapsed();
                     let t = Instant::now();
