@@ -47,6 +47,9 @@ fn main() -> ExitCode {
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Buffers a worker allocated (decoded file pieces) are freed by the engine threads;
+        // mimalloc hands such memory back only when its owner next collects, so an idle worker
+        // collects. SAFETY: `mi_collect` takes no pointers and is allowed on any thread.
         .on_thread_park(|| unsafe { libmimalloc_sys::mi_collect(false) })
         .build()
     {

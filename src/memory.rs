@@ -7,7 +7,8 @@
 //! (`--max-bytes-per-batch`), pages are returned as soon as they are free instead, so the peak
 //! follows the batch; the price is page faults (on the shared test machine, seconds of system
 //! time per ten million events). Where mimalloc is not the allocator (tests), this changes
-//! nothing.
+//! nothing. (Separately, `main.rs` has the async runtime's idle workers collect the frees other
+//! threads made of their memory, in every run.)
 
 /// `mi_option_purge_delay` in mimalloc.h (v3): milliseconds before freed memory is returned
 /// (1000 by default; the header's comment still says 10).

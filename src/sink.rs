@@ -418,15 +418,41 @@ pub async fn merge_live(
     Ok((table, upserted))
 }
 
+/// Refuses a table that [`rewrite`] cannot carry rows of: one with deletion vectors (written by
+/// another engine), whose files hold rows that are deleted. Checked when the table is opened,
+/// before a run writes anything.
+pub fn check_rewritable(table: &DeltaTable, loc: &TableLocation, flag: &str) -> Result<()> {
+    let files = table.snapshot()?.log_data();
+    if files
+        .iter()
+        .any(|f| f.deletion_vector_descriptor().is_some())
+    {
+        return Err(Error::usage(format!(
+            "{flag} `{loc}` has deletion vectors (another engine wrote them); sessionizer \
+             rewrites its files whole and cannot honour them. Purge them first (Spark: REORG \
+             TABLE ... APPLY (PURGE)) or point {flag} at a new location"
+        )));
+    }
+    Ok(())
+}
+
+/// One writer's share of a [`rewrite`]: slices of the new rows, then old files to filter.
+#[derive(Default)]
+struct Share {
+    new: Vec<RecordBatch>,
+    old: Vec<(object_store::path::Path, u64)>,
+}
+
 /// Replaces the table's rows in one commit: removes every current file and adds files holding
 /// `rows` plus, with `keep_other_keys`, the old rows whose key (on those columns) is not among
 /// `rows`. The commit carries `props` (the batch's txn and any metadata) and is recorded as
 /// `operation`.
 ///
 /// It is written as a stream: each old file is read batch by batch and filtered straight into
-/// a writer, so memory follows a file batch, not the table, and the old files and the new rows
-/// are encoded on every core. (delta-rs's MERGE joins the whole table in memory, and its
-/// overwrite encodes on one thread.)
+/// a writer, so memory follows a file batch, not the table. The work is shared by one writer
+/// per core at most, so a rewrite leaves at most that many files whatever it started from.
+/// (delta-rs's MERGE joins the source with the table in memory, and its overwrite encodes on
+/// one thread.)
 #[allow(clippy::too_many_arguments)]
 pub async fn rewrite(
     table: DeltaTable,
@@ -441,85 +467,67 @@ pub async fn rewrite(
     use deltalake::kernel::Action;
 
     let files: Vec<_> = table.snapshot()?.log_data().iter().collect();
-    let mut removes: Vec<Action> = files
+    let mut actions: Vec<Action> = files
         .iter()
         .map(|f| Action::Remove(f.remove_action(true)))
         .collect();
-    // The old rows to carry over, file by file, with the filter that keeps them.
-    let mut carried = Vec::new();
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let mut shares: Vec<Share> = (0..cores).map(|_| Share::default()).collect();
+    // The new rows, in up to one slice per core of at least 250,000 rows.
+    let n = rows.num_rows();
+    let chunk = n.div_ceil((n / 250_000).clamp(1, cores)).max(1);
+    for (i, start) in (0..n).step_by(chunk).enumerate() {
+        shares[i % cores]
+            .new
+            .push(rows.slice(start, chunk.min(n - start)));
+    }
+    // The old files whose other keys are carried over, spread over the writers.
+    let mut matcher = None;
     if let Some(keys) = keep_other_keys.filter(|_| !files.is_empty()) {
-        if files
-            .iter()
-            .any(|f| f.deletion_vector_descriptor().is_some())
-        {
-            return Err(Error::usage(format!(
-                "the table `{loc}` has deletion vectors (another engine wrote them); sessionizer \
-                 rewrites its files whole and cannot honour them. Purge them first (Spark: REORG \
-                 TABLE ... APPLY (PURGE)) or point sessionizer at a new location"
-            )));
-        }
-        let key_cols = |b: &RecordBatch| -> Result<Vec<ArrayRef>> {
-            keys.iter()
-                .map(|k| {
-                    b.column_by_name(k).cloned().ok_or_else(|| {
-                        Error::usage(format!(
-                            "the table `{loc}` has no key column `{k}`; point sessionizer at a \
-                             new location"
-                        ))
-                    })
-                })
-                .collect()
-        };
-        let new_keys = Arc::new(KeyMatch::new(&key_cols(&rows)?)?);
-        for f in &files {
-            carried.push((f.object_store_path(), f.size() as u64, new_keys.clone()));
+        check_rewritable(&table, loc, "the table")?;
+        matcher = Some(Arc::new(KeyMatch::new(&key_columns(&rows, keys)?)?));
+        for (i, f) in files.iter().enumerate() {
+            let share = &mut shares[(i + n.div_ceil(chunk)) % cores];
+            share.old.push((f.object_store_path(), f.size() as u64));
         }
     }
 
+    // Old files are read as the table's schema says (files written by other writers may hold
+    // strings as views, say), so that every batch a writer gets has the same types.
     let schema = table.snapshot()?.snapshot().arrow_schema();
     let wp = append_writer_properties(&schema);
     let store = table.object_store();
+    let keys = keep_other_keys.unwrap_or_default().to_vec();
     let mut tasks = tokio::task::JoinSet::new();
-    // The new rows, in up to one slice per core.
-    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-    let n = rows.num_rows();
-    let chunk = n.div_ceil((n / 250_000).clamp(1, cores)).max(1);
-    for start in (0..n).step_by(chunk) {
-        let slice = rows.slice(start, chunk.min(n - start));
+    for share in shares
+        .into_iter()
+        .filter(|s| !s.new.is_empty() || !s.old.is_empty())
+    {
+        let (store, schema, keys, matcher) =
+            (store.clone(), schema.clone(), keys.clone(), matcher.clone());
         let mut writer = FileWriter::new(&table, &wp)?;
         tasks.spawn(async move {
-            writer.write(slice).await?;
-            writer.finish().await
-        });
-    }
-    for (path, size, new_keys) in carried {
-        let store = store.clone();
-        let keys = keep_other_keys.unwrap_or_default().to_vec();
-        let mut writer = FileWriter::new(&table, &wp)?;
-        tasks.spawn(async move {
-            #[allow(deprecated)]
-            let reader =
-                parquet::arrow::async_reader::ParquetObjectReader::new(store, path.clone())
-                    .with_file_size(size);
-            let mut stream =
-                parquet::arrow::async_reader::ParquetRecordBatchStreamBuilder::new(reader)
-                    .await?
-                    .with_batch_size(64 * 1024)
-                    .build()?;
-            while let Some(batch) = stream.next().await {
-                let batch = batch?;
-                let cols = keys
-                    .iter()
-                    .map(|k| {
-                        batch.column_by_name(k).cloned().ok_or_else(|| {
-                            Error::usage(format!("a data file, `{path}`, has no key column `{k}`"))
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                let keep = new_keys.absent(&cols)?;
-                writer
-                    .write(arrow::compute::filter_record_batch(&batch, &keep)?)
-                    .await?;
+            for slice in share.new {
+                writer.write(slice).await?;
+            }
+            for (path, size) in share.old {
+                let matcher = matcher.as_ref().expect("built when old files are carried");
+                #[allow(deprecated)]
+                let reader =
+                    parquet::arrow::async_reader::ParquetObjectReader::new(store.clone(), path)
+                        .with_file_size(size);
+                let mut stream =
+                    parquet::arrow::async_reader::ParquetRecordBatchStreamBuilder::new(reader)
+                        .await?
+                        .with_batch_size(64 * 1024)
+                        .build()?;
+                while let Some(batch) = stream.next().await {
+                    let batch = crate::checkpoint::conform(&batch?, &schema)?;
+                    let keep = matcher.absent(&key_columns(&batch, &keys)?)?;
+                    writer
+                        .write(arrow::compute::filter_record_batch(&batch, &keep)?)
+                        .await?;
+                }
             }
             writer.finish().await
         });
@@ -527,7 +535,18 @@ pub async fn rewrite(
     while let Some(done) = tasks.join_next().await {
         // A panic in a writer task is a bug: let it end the run as one (exit 101).
         let adds = done.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
-        removes.extend(adds.into_iter().map(Action::Add));
+        actions.extend(adds.into_iter().map(Action::Add));
     }
-    commit(table, loc, removes, props, operation, app_id, seq).await
+    commit(table, loc, actions, props, operation, app_id, seq).await
+}
+
+/// The key columns of a batch (they are in every batch the live schema describes).
+fn key_columns(batch: &RecordBatch, keys: &[String]) -> Result<Vec<ArrayRef>> {
+    keys.iter()
+        .map(|k| {
+            batch.column_by_name(k).cloned().ok_or_else(|| {
+                Error::Checkpoint(format!("a live row batch has no key column `{k}`"))
+            })
+        })
+        .collect()
 }

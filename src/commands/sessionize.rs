@@ -318,6 +318,7 @@ async fn run_locked(
     let mut sessions =
         sink::open_or_create(&t.sessions, &sessions_schema(spec), true, "--sessions").await?;
     let mut live = sink::open_or_create(&t.live, &live_schema(spec), false, "--live").await?;
+    sink::check_rewritable(&live, &t.live, "--live")?;
     let mut late = match &t.late_events {
         Some(loc) => {
             Some(sink::open_or_create(loc, &rejected_schema(spec), true, "--late-events").await?)

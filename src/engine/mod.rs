@@ -590,8 +590,9 @@ const SHARD_MIN_ROWS: usize = 1_000_000;
 const SHARDS: usize = 2;
 
 /// The key bucket (`0..n`) of each row: a hash of the key columns, the same for a key in
-/// every batch and every run.
-fn bucket_ids(batch: &RecordBatch, keys: &[String], n: usize) -> Vec<u32> {
+/// every batch and every run. Different `salt`s give independent bucketings, so the engine's
+/// own shards of a bucket still split it evenly.
+fn bucket_ids(batch: &RecordBatch, keys: &[String], n: usize, salt: u64) -> Vec<u32> {
     let cols: Vec<ArrayRef> = keys
         .iter()
         .map(|k| batch.column_by_name(k).expect("key column").clone())
@@ -605,21 +606,30 @@ fn bucket_ids(batch: &RecordBatch, keys: &[String], n: usize) -> Vec<u32> {
                 .expect("Int64")
                 .values();
             v.iter()
-                .map(|&k| (((k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % n) as u32)
+                .map(|&k| (mix(k as u64, salt) % n) as u32)
                 .collect()
         }
         _ => {
             let mut buf = Vec::with_capacity(64);
             (0..batch.num_rows())
-                .map(|r| (output::key_hash(&mut buf, &cols, r) % n) as u32)
+                .map(|r| (mix(output::key_hash(&mut buf, &cols, r), salt) % n) as u32)
                 .collect()
         }
     }
 }
 
+/// A multiplicative mix of a key hash with a salt, keeping the well-mixed high half.
+fn mix(h: u64, salt: u64) -> u64 {
+    (h ^ salt.wrapping_mul(0xD6E8_FEB8_6659_FD93)).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32
+}
+
+/// Salts of the two bucketings: the run's key buckets and the engine's own shards.
+const BUCKET_SALT: u64 = 0;
+const SHARD_SALT: u64 = 1;
+
 /// Row indices of each bucket, in row order.
-fn bucket_rows(batch: &RecordBatch, keys: &[String], n: usize) -> Vec<Vec<u32>> {
-    let ids = bucket_ids(batch, keys, n);
+fn bucket_rows(batch: &RecordBatch, keys: &[String], n: usize, salt: u64) -> Vec<Vec<u32>> {
+    let ids = bucket_ids(batch, keys, n, salt);
     let mut idx: Vec<Vec<u32>> = vec![Vec::with_capacity(ids.len() / n + 1); n];
     for (r, &b) in ids.iter().enumerate() {
         idx[b as usize].push(r as u32);
@@ -638,7 +648,7 @@ pub fn split_by_key(
     if n <= 1 {
         return Ok(vec![batch.clone()]);
     }
-    bucket_rows(batch, keys, n)
+    bucket_rows(batch, keys, n, BUCKET_SALT)
         .into_iter()
         .map(|idx| take_record_batch(batch, &arrow::array::UInt32Array::from(idx)))
         .collect()
@@ -653,7 +663,7 @@ fn shard_by_key(
     n: usize,
 ) -> Result<Vec<(RecordBatch, usize)>, ArrowError> {
     // The gathers copy every column, strings included: one thread per shard.
-    on_threads(bucket_rows(all, keys, n), |idx| {
+    on_threads(bucket_rows(all, keys, n, SHARD_SALT), |idx| {
         let pending = idx.partition_point(|&r| (r as usize) < pending_rows);
         take_record_batch(all, &arrow::array::UInt32Array::from(idx)).map(|b| (b, pending))
     })

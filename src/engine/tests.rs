@@ -611,6 +611,18 @@ fn commit(version: i64, rows: &[(i64, i64, bool)]) -> RecordBatch {
     marked(version, &rows)
 }
 
+#[test]
+fn the_engine_shards_of_a_run_bucket_still_split_it() {
+    let rows: Vec<(i64, i64)> = (0..10_000).map(|k| (k, 0)).collect();
+    let keys = ["user_id".to_string()];
+    for bucket in split_by_key(&ev(0, &rows), &keys, 4).unwrap() {
+        let shards = shard_by_key(&bucket, &keys, 0, SHARDS).unwrap();
+        let (a, b) = (shards[0].0.num_rows(), shards[1].0.num_rows());
+        assert_eq!(a + b, bucket.num_rows());
+        assert!(a.min(b) * 3 > a.max(b), "{a} rows against {b}");
+    }
+}
+
 /// What a run does with a batch (see `crate::fold`): new events cut into `n` key buckets as
 /// file pieces, pending events cut the same way, each bucket stepped on its own with the whole
 /// batch's watermarks, the outputs put together in bucket order.
