@@ -219,4 +219,17 @@ fn live_files_written_by_a_delta_rs_merge_are_carried_over() {
     assert_eq!(live.len(), 4, "{live:?}");
     assert_eq!(plain.rows("live_sessions"), live);
     assert_eq!(plain.rows("sessions"), merged.rows("sessions"));
+
+    // Each upsert rewrites the live table into at most one file per core, however many runs.
+    for i in 0..5 {
+        plain.gen_at(&format!("2026-02-15T19:{:02}:00Z", 10 * i));
+        plain.ok(&run);
+    }
+    let files = rt().block_on(async {
+        let loc = TableLocation::from_path(&plain.table("live_sessions")).unwrap();
+        let table = sessionizer::source::try_load(&loc).await.unwrap().unwrap();
+        table.snapshot().unwrap().log_data().num_files()
+    });
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    assert!((1..=cores).contains(&files), "{files} live files");
 }
