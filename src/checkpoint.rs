@@ -414,15 +414,11 @@ impl Checkpoint {
         progress: &Progress,
         retention: chrono::Duration,
     ) -> Result<(DeltaTable, usize)> {
-        let props = CommitProperties::default().with_metadata([(
-            PROGRESS_KEY.to_string(),
-            serde_json::to_value(progress).expect("serializable"),
-        )]);
         let (table, metrics) = state
             .vacuum()
             .with_retention_period(retention)
             .with_enforce_retention_duration(false)
-            .with_commit_properties(props)
+            .with_commit_properties(progress_commit(progress))
             .await?;
         Ok((table, metrics.files_deleted.len()))
     }
@@ -445,12 +441,8 @@ impl Checkpoint {
                 crate::sink::create_table(&loc, &pending.schema(), false).await?
             }
         };
-        let props = CommitProperties::default()
-            .with_application_transaction(Transaction::new(app_id, progress.seq))
-            .with_metadata([(
-                PROGRESS_KEY.to_string(),
-                serde_json::to_value(progress).expect("serializable"),
-            )]);
+        let props = progress_commit(progress)
+            .with_application_transaction(Transaction::new(app_id, progress.seq));
         // The pending events replace the previous ones in one overwrite commit.
         let operation = deltalake::protocol::DeltaOperation::Write {
             mode: SaveMode::Overwrite,
@@ -470,6 +462,14 @@ impl Checkpoint {
         )
         .await
     }
+}
+
+/// Commit properties that record `progress` in the commit's `commitInfo`.
+fn progress_commit(progress: &Progress) -> CommitProperties {
+    CommitProperties::default().with_metadata([(
+        PROGRESS_KEY.to_string(),
+        serde_json::to_value(progress).expect("serializable"),
+    )])
 }
 
 fn no_checkpoint(loc: &TableLocation) -> Error {

@@ -187,12 +187,7 @@ pub async fn fold_buckets(
     }
     buckets.sort_by_key(|b| b.bucket);
     for b in &buckets {
-        let m = &mut folded.metrics;
-        m.rows_read += b.metrics.rows_read;
-        m.rows_late += b.metrics.rows_late;
-        m.rows_invalid += b.metrics.rows_invalid;
-        m.sessions_closed += b.metrics.sessions_closed;
-        m.sessions_pending += b.metrics.sessions_pending;
+        folded.metrics += b.metrics;
     }
     folded.live = concat_batches(&folded.live.schema(), buckets.iter().map(|b| &b.live))?;
     folded.pending = concat_batches(&schema, buckets.iter().map(|b| &b.pending))?;

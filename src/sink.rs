@@ -512,15 +512,10 @@ pub async fn rewrite(
             }
             for (path, size) in share.old {
                 let matcher = matcher.as_ref().expect("built when old files are carried");
-                #[allow(deprecated)]
-                let reader =
-                    parquet::arrow::async_reader::ParquetObjectReader::new(store.clone(), path)
-                        .with_file_size(size);
-                let mut stream =
-                    parquet::arrow::async_reader::ParquetRecordBatchStreamBuilder::new(reader)
-                        .await?
-                        .with_batch_size(64 * 1024)
-                        .build()?;
+                let mut stream = crate::source::open_parquet(store.clone(), path, size)
+                    .await?
+                    .with_batch_size(64 * 1024)
+                    .build()?;
                 while let Some(batch) = stream.next().await {
                     let batch = crate::checkpoint::conform(&batch?, &schema)?;
                     let keep = matcher.absent(&key_columns(&batch, &keys)?)?;

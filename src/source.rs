@@ -371,7 +371,6 @@ fn bad_predicate(flag: &str, sql: &str, e: impl std::fmt::Display) -> Error {
 #[derive(Debug, Default)]
 pub struct EventParts {
     pub buckets: Vec<Vec<FilePiece>>,
-    pub rows: usize,
     /// The latest event time read, in microseconds.
     pub max_time: Option<i64>,
 }
@@ -410,7 +409,6 @@ pub async fn read_events(
     // Files are taken in job order, so each bucket's pieces stay in read order.
     while let Some(file) = files.next().await {
         let file = file.map_err(|e| Error::Source(format!("a file reader task failed: {e}")))??;
-        parts.rows += file.rows;
         parts.max_time = parts.max_time.max(file.max_time);
         for (bucket, pieces) in parts.buckets.iter_mut().zip(file.buckets) {
             bucket.extend(pieces.into_iter().filter(|p| p.rows.num_rows() > 0));
@@ -434,18 +432,14 @@ async fn read_file(
             file.path
         ))
     })?;
-    #[allow(deprecated)]
-    let reader = ParquetObjectReader::new(store, path).with_file_size(file.size);
-    let builder = ParquetRecordBatchStreamBuilder::new(reader)
-        .await
-        .map_err(|e| {
-            Error::Source(format!(
-                "cannot read data file `{}` added in events version {version}: {e}. If the table \
+    let builder = open_parquet(store, path, file.size).await.map_err(|e| {
+        Error::Source(format!(
+            "cannot read data file `{}` added in events version {version}: {e}. If the table \
                  was vacuumed, that version can no longer be read; start a new checkpoint with a \
                  later --starting-version",
-                file.path
-            ))
-        })?;
+            file.path
+        ))
+    })?;
     let file_schema = builder.schema().clone();
     let roots: Vec<usize> = plan
         .schema
@@ -486,7 +480,6 @@ async fn read_file(
         let markers = plan.markers(&batch)?;
         let normalized = normalize(spec, &batch, version as i64, file_idx, row, markers)?;
         drop(batch);
-        out.rows += normalized.num_rows();
         out.max_time = out.max_time.max(arrow::compute::max(
             normalized
                 .column_by_name(TIME_COL)
@@ -508,6 +501,17 @@ async fn read_file(
         pieces.extend(gather(small)?);
     }
     Ok(out)
+}
+
+/// Opens a Parquet data file of `size` bytes on an object store for streaming reads.
+#[allow(deprecated)]
+pub async fn open_parquet(
+    store: Arc<dyn ObjectStore>,
+    path: Path,
+    size: u64,
+) -> parquet::errors::Result<ParquetRecordBatchStreamBuilder<ParquetObjectReader>> {
+    let reader = ParquetObjectReader::new(store, path).with_file_size(size);
+    ParquetRecordBatchStreamBuilder::new(reader).await
 }
 
 /// Adds the projected columns that live in the file's partition values rather than in the file.

@@ -58,6 +58,17 @@ pub struct StepMetrics {
     pub sessions_pending: u64,
 }
 
+impl std::ops::AddAssign for StepMetrics {
+    /// Counts of two parts of one batch (key buckets) add up to the batch's counts.
+    fn add_assign(&mut self, other: Self) {
+        self.rows_read += other.rows_read;
+        self.rows_late += other.rows_late;
+        self.rows_invalid += other.rows_invalid;
+        self.sessions_closed += other.sessions_closed;
+        self.sessions_pending += other.sessions_pending;
+    }
+}
+
 /// The result of one engine step.
 #[derive(Debug, Clone)]
 pub struct StepOutput {
@@ -205,7 +216,7 @@ impl Engine {
         metrics.rows_late = class.late.true_count() as u64;
         let good_mask = class.good;
 
-        // 3. Pending events plus good new events, sorted by key then time then tie-breaks.
+        // 2. Pending events plus good new events, sorted by key then time then tie-breaks.
         //    In pairing mode, events that are neither a start nor an end play no part.
         let mut keep = good_mask;
         if self.spec.pairs {
@@ -320,7 +331,7 @@ impl Engine {
             arrow::compute::partition(&key_cols)?.ranges()
         };
 
-        // 4. Per key, cut sessions (or pairs) and decide which close.
+        // 3. Per key, cut sessions (or pairs) and decide which close.
         let cut = if self.spec.pairs {
             self.cut_pairs(&sorted, &ranges, &is_new, new_watermark, flush)?
         } else {

@@ -676,9 +676,7 @@ fn step_in_buckets(
         assert_eq!(out.watermark, after);
         closed.extend(sessions(&out.closed()));
         pend.push(out.pending);
-        metrics.rows_read += out.metrics.rows_read;
-        metrics.rows_late += out.metrics.rows_late;
-        metrics.sessions_pending += out.metrics.sessions_pending;
+        metrics += out.metrics;
     }
     closed.sort();
     (
