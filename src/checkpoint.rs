@@ -3,42 +3,53 @@
 //! Layout under `--checkpoint`:
 //!
 //! ```text
-//! state/                      Delta table of the pending events (engine's normalized layout)
-//! _sessionizer/checkpoint.json  which events table and settings this checkpoint belongs to
-//! _sessionizer/plan.json        the batch being processed: sequence number and source versions
-//! _sessionizer/lock.json        who is running now, and until when the lock is valid
+//! state/                              Delta table of the pending events (normalized layout)
+//! _sessionizer/checkpoint.json        which events table and rules this checkpoint belongs to
+//! _sessionizer/plans/<seq>.json       the plan of batch <seq>: its source versions, flush
+//! _sessionizer/lock/<epoch>.json      the lock, one file per lock epoch
 //! ```
 //!
 //! Progress (batch sequence number, last source version, watermark) is written in the same
 //! Delta commit as the pending state, inside that commit's `commitInfo`, so the two can never
-//! disagree. The plan is written before any output, so that a rerun after a crash recomputes
+//! disagree. That commit is made against the exact state version the run read, so of two runs
+//! that both believe they hold the checkpoint, at most one can record a batch.
+//!
+//! A batch's plan is created once (put-if-absent) before any output, so every run that ever
+//! works on batch `seq` works on the same source versions; a rerun after a crash recomputes
 //! exactly the same batch from exactly the same state, and the outputs' application
-//! transactions (`txn`, one app id per checkpoint, version = batch sequence number) tell which
-//! outputs of that batch already committed.
+//! transactions (`txn`, one app id per checkpoint, version = batch sequence number) together
+//! with the batch record in each commit tell which outputs of that batch already committed.
+//!
+//! **The lock.** Each lock epoch has its own file, created with put-if-absent (a hard link
+//! locally, `If-None-Match` on object stores) and afterwards written only by the run that
+//! created it (heartbeat, release): no two writers ever race on one file. The holder is the
+//! newest epoch. Taking over a lock that expired, whose holder is dead, or with
+//! `--break-lock`, is creating the next epoch's file, which exactly one taker can do. A run
+//! owns the checkpoint as long as the next epoch's file does not exist: that is the
+//! [`Fence`] it checks before every commit.
 
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
-use arrow::compute::cast;
 use arrow::datatypes::SchemaRef;
 use chrono::{DateTime, Utc};
 use datafusion::prelude::SessionContext;
 use deltalake::DeltaTable;
-use deltalake::kernel::Action;
-use deltalake::kernel::Transaction;
-use deltalake::kernel::transaction::CommitProperties;
-use deltalake::logstore::get_actions;
 use deltalake::protocol::SaveMode;
+use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 
 use crate::config::TableLocation;
+use crate::delta::{self, BatchTag, Fence};
 use crate::error::{Error, Result};
 
 const IDENTITY: &str = "_sessionizer/checkpoint.json";
-const PLAN: &str = "_sessionizer/plan.json";
-const LOCK: &str = "_sessionizer/lock.json";
+/// Where releases before per-batch plan files kept the one current plan.
+const LEGACY_PLAN: &str = "_sessionizer/plan.json";
+const PLANS: &str = "_sessionizer/plans";
+const LOCKS: &str = "_sessionizer/lock";
 const PROGRESS_KEY: &str = "sessionizer";
 
 /// How long a lock is valid without a heartbeat. A run refreshes it every [`LOCK_HEARTBEAT`].
@@ -121,9 +132,16 @@ impl Identity {
                 &wanted.sums.join(","),
                 "--sum",
             ),
+            (
+                "session rules",
+                &self.rules,
+                &wanted.rules,
+                "the same --mode, --end-when, --start-when, --max-duration and --pair-timeout:",
+            ),
         ];
         for (what, have, want, flag) in diffs {
-            if have != want {
+            // Checkpoints of releases that did not record the rules have none to compare.
+            if have != want && !(what == "session rules" && have.is_empty()) {
                 return Err(Error::usage(format!(
                     "the checkpoint `{loc}` was made for {what} `{have}`, but this run asks for \
                      `{want}`. Sessions cannot continue across that change: rerun with {flag} \
@@ -149,7 +167,7 @@ pub struct Progress {
     pub committed_at: Option<String>,
 }
 
-/// The batch being processed: recorded before any output is written.
+/// The plan of one batch: recorded once, before any output of the batch is written.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
     pub seq: i64,
@@ -158,13 +176,46 @@ pub struct Plan {
     pub flush: bool,
 }
 
+/// One lock epoch's file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct LockInfo {
+    epoch: u64,
     token: String,
     host: String,
     pid: u32,
+    /// `/proc/sys/kernel/random/boot_id`: the same host name on another machine, or after a
+    /// reboot, is another boot.
+    #[serde(default)]
+    boot_id: String,
+    /// The PID namespace (`/proc/self/ns/pid`): containers on one host reuse PIDs.
+    #[serde(default)]
+    pid_ns: String,
+    /// The process's start time in clock ticks since boot (`/proc/<pid>/stat`), so that a
+    /// reused PID is not taken for the holder.
+    #[serde(default)]
+    started: u64,
     since: String,
     expires_at: String,
+    #[serde(default)]
+    released: bool,
+}
+
+impl LockInfo {
+    /// Whether another run may take the checkpoint over from this holder at `now`.
+    fn is_free(&self, now: DateTime<Utc>, me: &Process) -> bool {
+        let expired = DateTime::parse_from_rfc3339(&self.expires_at)
+            .map(|t| t < now)
+            .unwrap_or(true);
+        self.released || expired || me.sees_dead(self)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "pid {} on host {} since {} (lock epoch {}, expires at {} unless that run keeps it \
+             alive)",
+            self.pid, self.host, self.since, self.epoch, self.expires_at
+        )
+    }
 }
 
 /// A checkpoint location and its object store.
@@ -174,16 +225,9 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Opens the location. With `create`, a local folder is made if missing; without it, a
-    /// missing local folder is [`Error::NoCheckpoint`].
-    pub fn open(loc: &TableLocation, create: bool) -> Result<Self> {
-        if let Some(p) = loc.local_path() {
-            if create {
-                std::fs::create_dir_all(&p)?;
-            } else if !p.exists() {
-                return Err(no_checkpoint(loc));
-            }
-        }
+    /// Opens the location without writing anything; a missing local folder is only created by
+    /// [`Checkpoint::lock`].
+    pub fn at(loc: &TableLocation) -> Result<Self> {
         let store = loc.builder()?.build()?.object_store();
         Ok(Self {
             loc: loc.clone(),
@@ -194,7 +238,10 @@ impl Checkpoint {
     /// Opens a checkpoint that must already exist (for `status` and `maintain`), with its
     /// identity; [`Error::NoCheckpoint`] when there is none at `loc`.
     pub async fn open_existing(loc: &TableLocation) -> Result<(Self, Identity)> {
-        let cp = Self::open(loc, false)?;
+        if loc.local_path().is_some_and(|p| !p.exists()) {
+            return Err(no_checkpoint(loc));
+        }
+        let cp = Self::at(loc)?;
         match cp.identity().await? {
             Some(id) => Ok((cp, id)),
             None => Err(no_checkpoint(loc)),
@@ -224,115 +271,171 @@ impl Checkpoint {
     }
 
     async fn put_json<T: Serialize>(&self, name: &str, value: &T, mode: PutMode) -> Result<()> {
-        let body = serde_json::to_vec_pretty(value).expect("serializable");
-        self.store
-            .put_opts(
-                &Path::from(name),
-                PutPayload::from(body),
-                PutOptions {
-                    mode,
-                    ..Default::default()
-                },
-            )
-            .await?;
-        Ok(())
+        put_json(self.store.as_ref(), name, value, mode).await
     }
 
     pub async fn identity(&self) -> Result<Option<Identity>> {
         self.get_json(IDENTITY).await
     }
 
-    pub async fn write_identity(&self, id: &Identity) -> Result<()> {
+    /// Records the identity of a new checkpoint; of two runs racing to create it, the first
+    /// one's stays, and that is the one returned.
+    pub async fn write_identity(&self, id: &Identity) -> Result<Identity> {
         match self.put_json(IDENTITY, id, PutMode::Create).await {
-            Err(Error::ObjectStore(object_store::Error::AlreadyExists { .. })) => Ok(()),
-            other => other,
+            Ok(()) => Ok(id.clone()),
+            Err(Error::ObjectStore(object_store::Error::AlreadyExists { .. })) => self
+                .identity()
+                .await?
+                .ok_or_else(|| self.corrupt("its identity file vanished while it was created")),
+            Err(e) => Err(e),
         }
     }
 
-    pub async fn plan(&self) -> Result<Option<Plan>> {
-        self.get_json(PLAN).await
+    fn plan_path(seq: i64) -> String {
+        format!("{PLANS}/{seq:020}.json")
     }
 
-    pub async fn write_plan(&self, plan: &Plan) -> Result<()> {
-        self.put_json(PLAN, plan, PutMode::Overwrite).await
+    /// The recorded plan of batch `seq`, if any.
+    pub async fn plan(&self, seq: i64) -> Result<Option<Plan>> {
+        if let Some(p) = self.get_json(&Self::plan_path(seq)).await? {
+            return Ok(Some(p));
+        }
+        let legacy: Option<Plan> = self.get_json(LEGACY_PLAN).await?;
+        Ok(legacy.filter(|p| p.seq == seq))
     }
 
-    /// Takes the lock, or explains who holds it.
-    ///
-    /// The lock file is created with put-if-absent (a hard link locally, a conditional put on
-    /// object stores), so of two runs starting together exactly one gets it. A lock whose
-    /// holder is a dead process on this host, or whose heartbeat stopped more than
-    /// [`LOCK_TTL`] ago, is taken over.
-    pub async fn lock(&self, break_lock: bool) -> Result<LockGuard> {
-        let now = Utc::now();
-        let info = LockInfo {
-            token: uuid::Uuid::new_v4().to_string(),
-            host: hostname(),
-            pid: std::process::id(),
-            since: now.to_rfc3339(),
-            expires_at: (now + LOCK_TTL).to_rfc3339(),
-        };
-        for attempt in 0..2 {
-            match self.put_json(LOCK, &info, PutMode::Create).await {
-                Ok(()) => {
-                    return Ok(LockGuard::start(self.store.clone(), info));
-                }
-                Err(Error::ObjectStore(object_store::Error::AlreadyExists { .. }))
-                    if attempt == 0 =>
-                {
-                    let held = read_lock(self.store.as_ref()).await;
-                    let stale = match &held {
-                        None => true,
-                        Some(h) => {
-                            let expired = DateTime::parse_from_rfc3339(&h.expires_at)
-                                .map(|t| t < now)
-                                .unwrap_or(true);
-                            let dead = h.host == info.host && !pid_alive(h.pid);
-                            expired || dead
-                        }
-                    };
-                    if !stale && !break_lock {
-                        let h = held.expect("not stale implies present");
-                        return Err(Error::Locked(format!(
-                            "another run holds the checkpoint `{}`: pid {} on host {} since {} \
-                             (the lock expires at {} unless that run keeps it alive). Nothing was \
-                             written. Retry later; if that run is gone, pass --break-lock",
-                            self.loc, h.pid, h.host, h.since, h.expires_at
-                        )));
-                    }
-                    tracing::warn!(?held, "taking over a stale or broken lock");
-                    match self.store.delete(&Path::from(LOCK)).await {
-                        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-                Err(Error::ObjectStore(object_store::Error::AlreadyExists { .. })) => {
-                    return Err(Error::Locked(format!(
-                        "another run took the checkpoint `{}` at the same moment; nothing was written, retry later",
-                        self.loc
+    /// Records the plan of a batch, once: if another run recorded a plan for this batch
+    /// meanwhile, this run has lost the checkpoint ([`Error::Fenced`]).
+    pub async fn record_plan(&self, plan: &Plan, fence: &Fence) -> Result<()> {
+        fence.check().await?;
+        match self
+            .put_json(&Self::plan_path(plan.seq), plan, PutMode::Create)
+            .await
+        {
+            Ok(()) => {}
+            Err(Error::ObjectStore(object_store::Error::AlreadyExists { .. })) => {
+                if self.plan(plan.seq).await?.as_ref() != Some(plan) {
+                    fence.set_lost();
+                    return Err(Error::Fenced(format!(
+                        "another run recorded the plan of batch {} of the checkpoint `{}` while \
+                         this run was planning it: this run lost the checkpoint and stops without \
+                         writing anything",
+                        plan.seq, self.loc
                     )));
                 }
-                Err(e) => return Err(e),
             }
+            Err(e) => return Err(e),
         }
-        unreachable!("the loop returns on its second attempt")
+        // Plans of batches long recorded are never read again.
+        if plan.seq > 3 {
+            let old = Path::from(Self::plan_path(plan.seq - 3));
+            let _ = self.store.delete(&old).await;
+        }
+        Ok(())
+    }
+
+    /// The newest lock epoch and its file (`None` inside when unreadable).
+    async fn top_lock(&self) -> Result<Option<(u64, Option<LockInfo>)>> {
+        let prefix = Path::from(LOCKS);
+        let metas: Vec<_> = match self.store.list(Some(&prefix)).try_collect().await {
+            Ok(m) => m,
+            Err(object_store::Error::NotFound { .. }) => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
+        let top = metas
+            .iter()
+            .filter_map(|m| {
+                m.location
+                    .filename()?
+                    .strip_suffix(".json")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .max();
+        let Some(epoch) = top else {
+            return Ok(None);
+        };
+        let info = read_lock(self.store.as_ref(), &lock_path(epoch)).await;
+        Ok(Some((epoch, info)))
+    }
+
+    /// Takes the lock, or explains who holds it (exit 75).
+    ///
+    /// The newest epoch's holder keeps the checkpoint while it is alive and its heartbeat
+    /// keeps it from expiring; otherwise (or with `break_lock`) this run creates the next
+    /// epoch's file, which only one taker can do.
+    pub async fn lock(&self, break_lock: bool) -> Result<LockGuard> {
+        if let Some(p) = self.loc.local_path() {
+            std::fs::create_dir_all(&p)?;
+        }
+        let now = Utc::now();
+        let me = Process::current();
+        let top = self.top_lock().await?;
+        if let Some((_, Some(held))) = &top
+            && !held.is_free(now, &me)
+            && !break_lock
+        {
+            return Err(Error::Locked(format!(
+                "another run holds the checkpoint `{}`: {}. Nothing was written. Retry later; if \
+                 that run is gone, pass --break-lock",
+                self.loc,
+                held.describe()
+            )));
+        }
+        if let Some((_, held)) = &top {
+            tracing::warn!(?held, "taking over a released, stale or broken lock");
+        }
+        let epoch = top.map_or(1, |(e, _)| e + 1);
+        let info = LockInfo {
+            epoch,
+            token: uuid::Uuid::new_v4().to_string(),
+            host: me.host.clone(),
+            pid: me.pid,
+            boot_id: me.boot_id.clone(),
+            pid_ns: me.pid_ns.clone(),
+            started: me.started,
+            since: now.to_rfc3339(),
+            expires_at: (now + LOCK_TTL).to_rfc3339(),
+            released: false,
+        };
+        match self
+            .put_json(&lock_path(epoch), &info, PutMode::Create)
+            .await
+        {
+            Ok(()) => {}
+            Err(Error::ObjectStore(object_store::Error::AlreadyExists { .. })) => {
+                return Err(Error::Locked(format!(
+                    "another run took the checkpoint `{}` at the same moment; nothing was \
+                     written, retry later",
+                    self.loc
+                )));
+            }
+            Err(e) => return Err(e),
+        }
+        // Epochs long superseded are never read again.
+        if epoch > 3 {
+            let _ = self.store.delete(&Path::from(lock_path(epoch - 3))).await;
+        }
+        let fence = Fence::new(
+            self.store.clone(),
+            Path::from(lock_path(epoch + 1)),
+            format!("the checkpoint `{}` (lock epoch {epoch})", self.loc),
+        );
+        Ok(LockGuard::start(self.store.clone(), info, fence))
     }
 
     /// Who holds the lock now, if anyone (for `status`).
     pub async fn lock_holder(&self) -> Result<Option<String>> {
-        let held = read_lock(self.store.as_ref()).await;
-        Ok(held.map(|h| {
-            format!(
-                "pid {} on {} since {} (expires {})",
-                h.pid, h.host, h.since, h.expires_at
-            )
-        }))
+        Ok(match self.top_lock().await? {
+            Some((_, Some(h))) if !h.released => Some(h.describe()),
+            _ => None,
+        })
     }
 
     /// Opens the pending-state table, if it exists.
     pub async fn state_table(&self) -> Result<Option<DeltaTable>> {
         let loc = self.state_location();
-        match crate::source::try_load(&loc).await {
+        match delta::try_load(&loc).await {
             Ok(t) => Ok(t),
             Err(e) => Err(Error::Checkpoint(format!(
                 "the pending state in `{loc}` cannot be read ({e}). Restore it from a backup, or \
@@ -349,20 +452,14 @@ impl Checkpoint {
         let Some(version) = table.version() else {
             return Ok(Progress::default());
         };
-        let bytes = table
-            .log_store()
-            .read_commit_entry(version)
+        let actions = delta::commit_actions(table, version as u64)
             .await?
             .ok_or_else(|| {
                 self.corrupt(&format!("commit {version} of the state table is missing"))
             })?;
-        for action in get_actions(version, &bytes)? {
-            if let Action::CommitInfo(ci) = action
-                && let Some(v) = ci.info.get(PROGRESS_KEY)
-            {
-                return serde_json::from_value(v.clone())
-                    .map_err(|e| self.corrupt(&format!("unreadable progress record: {e}")));
-            }
+        if let Some(v) = delta::commit_info_value(&actions, PROGRESS_KEY) {
+            return serde_json::from_value(v.clone())
+                .map_err(|e| self.corrupt(&format!("unreadable progress record: {e}")));
         }
         if version == 0 {
             // Created, but the first batch never committed.
@@ -395,7 +492,7 @@ impl Checkpoint {
         let batches = ctx.read_table(provider)?.collect().await?;
         let conformed: Vec<RecordBatch> = batches
             .iter()
-            .map(|b| conform(b, schema))
+            .map(|b| delta::conform(b, schema))
             .collect::<Result<_>>()
             .map_err(|e| {
                 self.corrupt(&format!(
@@ -414,62 +511,71 @@ impl Checkpoint {
         progress: &Progress,
         retention: chrono::Duration,
     ) -> Result<(DeltaTable, usize)> {
-        let (table, metrics) = state
-            .vacuum()
-            .with_retention_period(retention)
-            .with_enforce_retention_duration(false)
-            .with_commit_properties(progress_commit(progress))
-            .await?;
-        Ok((table, metrics.files_deleted.len()))
+        let meta = vec![(
+            PROGRESS_KEY.to_string(),
+            serde_json::to_value(progress).expect("serializable"),
+        )];
+        delta::vacuum(state, retention, meta).await
     }
 
-    /// Replaces the pending state and records the progress, in one Delta commit.
+    /// Replaces the pending state and records the progress, in one Delta commit made against
+    /// the exact state version this run read: if another run recorded a batch meanwhile, this
+    /// one fails (and is fenced).
     pub async fn write_state(
         &self,
         state: Option<DeltaTable>,
         pending: RecordBatch,
         progress: &Progress,
-        app_id: &str,
+        tag: &BatchTag,
     ) -> Result<DeltaTable> {
+        let loc = self.state_location();
         let table = match state {
             Some(t) => t,
             None => {
-                let loc = self.state_location();
-                if let Some(p) = loc.local_path() {
-                    std::fs::create_dir_all(&p)?;
-                }
-                crate::sink::create_table(&loc, &pending.schema(), false).await?
+                tag.fence.check().await?;
+                delta::create_table(&loc, &pending.schema(), false).await?
             }
         };
-        let props = progress_commit(progress)
-            .with_application_transaction(Transaction::new(app_id, progress.seq));
         // The pending events replace the previous ones in one overwrite commit.
         let operation = deltalake::protocol::DeltaOperation::Write {
             mode: SaveMode::Overwrite,
             partition_by: None,
             predicate: None,
         };
-        let loc = self.state_location();
-        crate::sink::rewrite(
-            table,
-            &loc,
-            pending,
-            None,
-            props,
-            operation,
-            app_id,
-            progress.seq,
-        )
-        .await
+        let commit_as = delta::Rewrite {
+            tag,
+            extra: Some((
+                PROGRESS_KEY,
+                serde_json::to_value(progress).expect("serializable"),
+            )),
+            exact: true,
+        };
+        delta::rewrite(table, &loc, pending, None, operation, commit_as).await
     }
 }
 
-/// Commit properties that record `progress` in the commit's `commitInfo`.
-fn progress_commit(progress: &Progress) -> CommitProperties {
-    CommitProperties::default().with_metadata([(
-        PROGRESS_KEY.to_string(),
-        serde_json::to_value(progress).expect("serializable"),
-    )])
+fn lock_path(epoch: u64) -> String {
+    format!("{LOCKS}/{epoch:020}.json")
+}
+
+async fn put_json<T: Serialize>(
+    store: &dyn ObjectStore,
+    name: &str,
+    value: &T,
+    mode: PutMode,
+) -> Result<()> {
+    let body = serde_json::to_vec_pretty(value).expect("serializable");
+    store
+        .put_opts(
+            &Path::from(name),
+            PutPayload::from(body),
+            PutOptions {
+                mode,
+                ..Default::default()
+            },
+        )
+        .await?;
+    Ok(())
 }
 
 fn no_checkpoint(loc: &TableLocation) -> Error {
@@ -479,47 +585,29 @@ fn no_checkpoint(loc: &TableLocation) -> Error {
     ))
 }
 
-/// Casts a batch read back from Delta (view types, UTC timestamps) to the expected schema.
-pub fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
-    let mut cols = Vec::with_capacity(schema.fields().len());
-    for f in schema.fields() {
-        let c = batch
-            .column_by_name(f.name())
-            .ok_or_else(|| Error::Checkpoint(format!("column `{}` is missing", f.name())))?;
-        cols.push(if c.data_type() == f.data_type() {
-            c.clone()
-        } else {
-            cast(c, f.data_type())?
-        });
-    }
-    Ok(RecordBatch::try_new(schema.clone(), cols)?)
-}
-
 /// Holds the lock and keeps it alive until released.
 pub struct LockGuard {
     store: Arc<dyn ObjectStore>,
     info: LockInfo,
+    fence: Fence,
     heartbeat: tokio::task::JoinHandle<()>,
 }
 
 impl LockGuard {
-    fn start(store: Arc<dyn ObjectStore>, info: LockInfo) -> Self {
-        let (s, mut i) = (store.clone(), info.clone());
+    fn start(store: Arc<dyn ObjectStore>, info: LockInfo, fence: Fence) -> Self {
+        let (s, mut i, f) = (store.clone(), info.clone(), fence.clone());
         let heartbeat = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(LOCK_HEARTBEAT).await;
-                // Refresh only a lock that is still ours: if it expired and another run took
-                // it over, overwriting theirs would let two runs believe they hold it.
-                let ours = read_lock(s.as_ref())
-                    .await
-                    .is_some_and(|h| h.token == i.token);
-                if !ours {
-                    tracing::warn!("the checkpoint lock is no longer ours; stopping its heartbeat");
+                // Only this run ever writes its epoch's file; once the next epoch exists the
+                // lock is no longer ours and the run stops at its next commit.
+                if f.check().await.is_err() {
+                    tracing::warn!("the checkpoint lock was taken over; stopping its heartbeat");
                     return;
                 }
                 i.expires_at = (Utc::now() + LOCK_TTL).to_rfc3339();
-                let body = serde_json::to_vec_pretty(&i).expect("serializable");
-                if let Err(e) = s.put(&Path::from(LOCK), PutPayload::from(body)).await {
+                let path = lock_path(i.epoch);
+                if let Err(e) = put_json(s.as_ref(), &path, &i, PutMode::Overwrite).await {
                     tracing::warn!("could not refresh the checkpoint lock: {e}");
                 }
             }
@@ -527,31 +615,48 @@ impl LockGuard {
         Self {
             store,
             info,
+            fence,
             heartbeat,
         }
     }
 
-    /// Releases the lock if it is still ours.
+    /// The fence every commit of this run checks.
+    pub fn fence(&self) -> &Fence {
+        &self.fence
+    }
+
+    /// The lock epoch and token, recorded in every commit of this run.
+    pub fn epoch(&self) -> u64 {
+        self.info.epoch
+    }
+
+    pub fn token(&self) -> &str {
+        &self.info.token
+    }
+
+    /// Releases the lock if it is still ours (marks its epoch's file released).
     pub async fn release(self) -> Result<()> {
         self.heartbeat.abort();
-        if read_lock(self.store.as_ref())
-            .await
-            .is_some_and(|h| h.token != self.info.token)
-        {
+        if self.fence.check().await.is_err() {
             tracing::warn!("the lock was taken over by another run; leaving it");
             return Ok(());
         }
-        match self.store.delete(&Path::from(LOCK)).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        let mut info = self.info;
+        info.released = true;
+        put_json(
+            self.store.as_ref(),
+            &lock_path(info.epoch),
+            &info,
+            PutMode::Overwrite,
+        )
+        .await
     }
 }
 
-/// The lock as stored, or `None` when there is none or it cannot be read as a lock.
-async fn read_lock(store: &dyn ObjectStore) -> Option<LockInfo> {
+/// One lock file as stored, or `None` when there is none or it cannot be read as a lock.
+async fn read_lock(store: &dyn ObjectStore, path: &str) -> Option<LockInfo> {
     let bytes = store
-        .get(&Path::from(LOCK))
+        .get(&Path::from(path))
         .await
         .ok()?
         .bytes()
@@ -560,21 +665,143 @@ async fn read_lock(store: &dyn ObjectStore) -> Option<LockInfo> {
     serde_json::from_slice(&bytes).ok()
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
+/// What identifies this process among all processes that may share a checkpoint.
+struct Process {
+    host: String,
+    pid: u32,
+    boot_id: String,
+    pid_ns: String,
+    started: u64,
+}
+
+impl Process {
+    fn current() -> Self {
+        let pid = std::process::id();
+        Self {
+            host: hostname(),
+            pid,
+            boot_id: read_trimmed("/proc/sys/kernel/random/boot_id"),
+            pid_ns: std::fs::read_link("/proc/self/ns/pid")
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            started: start_time(pid).unwrap_or(0),
+        }
+    }
+
+    /// Whether this process can tell for sure that the lock's holder is dead: only when both
+    /// run in the same boot of the same machine and the same PID namespace (never by host
+    /// name alone), and the holder's PID is gone or now belongs to a younger process.
+    fn sees_dead(&self, holder: &LockInfo) -> bool {
+        if self.boot_id.is_empty()
+            || self.pid_ns.is_empty()
+            || holder.boot_id != self.boot_id
+            || holder.pid_ns != self.pid_ns
+        {
+            return false;
+        }
+        match start_time(holder.pid) {
+            None => true,
+            Some(t) => holder.started != 0 && t != holder.started,
+        }
+    }
+}
+
+fn read_trimmed(path: &str) -> String {
+    std::fs::read_to_string(path)
         .map(|s| s.trim().to_string())
-        .ok()
+        .unwrap_or_default()
+}
+
+fn hostname() -> String {
+    Some(read_trimmed("/proc/sys/kernel/hostname"))
         .filter(|s| !s.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "unknown-host".into())
 }
 
-/// Whether a process of this host is alive. Only Linux can tell (via /proc); elsewhere a lock
-/// is assumed alive until it expires.
-fn pid_alive(pid: u32) -> bool {
-    let proc = std::path::Path::new("/proc");
-    if !proc.join("self").exists() {
-        return true;
+/// A process's start time (clock ticks since boot, field 22 of `/proc/<pid>/stat`), or
+/// `None` when there is no such process (or no /proc).
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn holder(me: &Process) -> LockInfo {
+        LockInfo {
+            epoch: 1,
+            token: "t".into(),
+            host: me.host.clone(),
+            pid: me.pid,
+            boot_id: me.boot_id.clone(),
+            pid_ns: me.pid_ns.clone(),
+            started: me.started,
+            since: Utc::now().to_rfc3339(),
+            expires_at: (Utc::now() + LOCK_TTL).to_rfc3339(),
+            released: false,
+        }
     }
-    proc.join(pid.to_string()).exists()
+
+    #[test]
+    fn a_live_holder_is_alive_and_a_gone_one_dead() {
+        let me = Process::current();
+        assert!(!me.boot_id.is_empty(), "this test needs Linux /proc");
+        let alive = holder(&me);
+        assert!(!me.sees_dead(&alive));
+        assert!(!alive.is_free(Utc::now(), &me));
+        // The same PID with another start time: the PID was reused, the holder is gone.
+        let reused = LockInfo {
+            started: me.started + 1,
+            ..holder(&me)
+        };
+        assert!(me.sees_dead(&reused));
+    }
+
+    #[test]
+    fn a_holder_in_another_namespace_or_boot_is_never_judged_dead() {
+        let me = Process::current();
+        // PID 4194304 is above Linux's PID limit: no such process here.
+        let ns = LockInfo {
+            pid: 4_194_304,
+            pid_ns: "pid:[1]".into(),
+            ..holder(&me)
+        };
+        assert!(!me.sees_dead(&ns), "another PID namespace: cannot tell");
+        let boot = LockInfo {
+            pid: 4_194_304,
+            boot_id: "another-boot".into(),
+            ..holder(&me)
+        };
+        assert!(
+            !me.sees_dead(&boot),
+            "another boot (same host name): cannot tell"
+        );
+        let here = LockInfo {
+            pid: 4_194_304,
+            ..holder(&me)
+        };
+        assert!(me.sees_dead(&here));
+    }
+
+    #[test]
+    fn expired_or_released_locks_are_free() {
+        let me = Process::current();
+        let past = LockInfo {
+            pid: 1,
+            boot_id: "other".into(),
+            expires_at: (Utc::now() - chrono::Duration::seconds(1)).to_rfc3339(),
+            ..holder(&me)
+        };
+        assert!(past.is_free(Utc::now(), &me));
+        let released = LockInfo {
+            released: true,
+            ..holder(&me)
+        };
+        assert!(released.is_free(Utc::now(), &me));
+    }
 }

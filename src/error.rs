@@ -6,7 +6,8 @@
 //! | 1 | any other failure (I/O, a source commit that removes data, a corrupt checkpoint, …) |
 //! | 2 | usage or configuration error: a bad flag, a missing column, a path that is not a table |
 //! | 3 | `status`: there is no checkpoint at that location yet |
-//! | 75 | another run holds the checkpoint (EX_TEMPFAIL: retry later) |
+//! | 2 | also: the checkpoint and its output tables disagree (refused before writing) |
+//! | 75 | another run holds the checkpoint, or took it over from this run (EX_TEMPFAIL) |
 //! | 101 | a test failpoint fired (`SESSIONIZER_FAILPOINT`) |
 
 use deltalake::DeltaTableError;
@@ -24,6 +25,12 @@ pub enum Error {
     /// Another run holds the checkpoint lock.
     #[error("{0}")]
     Locked(String),
+    /// This run lost the checkpoint lock to another run and stopped before its next write.
+    #[error("{0}")]
+    Fenced(String),
+    /// The checkpoint is behind (or foreign to) its output tables; nothing was written.
+    #[error("{0}")]
+    Disagreement(String),
     /// The events table's history cannot be processed as asked (e.g. a data-removing commit).
     #[error("{0}")]
     Source(String),
@@ -47,9 +54,9 @@ pub enum Error {
 impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Usage(_) => 2,
+            Error::Usage(_) | Error::Disagreement(_) => 2,
             Error::NoCheckpoint(_) => 3,
-            Error::Locked(_) => 75,
+            Error::Locked(_) | Error::Fenced(_) => 75,
             _ => 1,
         }
     }

@@ -14,13 +14,25 @@ pub fn hit(name: &str) {
     }
 }
 
-/// For the concurrency tests: `SESSIONIZER_FAILPOINT=pause-after-lock` holds the lock for
-/// `SESSIONIZER_PAUSE_MS` (default 3000) milliseconds before working, so that a second run
-/// can be started while the first one surely holds it.
+/// For the concurrency and fencing tests: `SESSIONIZER_FAILPOINT=pause-after-lock` (or
+/// `pause-after-plan`, `pause-before-commit`) stops the run there for `SESSIONIZER_PAUSE_MS`
+/// (default 3000) milliseconds, as a frozen process would, so that another run can be started
+/// meanwhile (see also `SESSIONIZER_PAUSE_UNTIL` below).
 pub async fn pause(name: &str) {
     if let Ok(want) = std::env::var("SESSIONIZER_FAILPOINT")
         && want == name
     {
+        // With SESSIONIZER_PAUSE_UNTIL=<file>, the pause lasts until that file exists (up to
+        // five minutes): a test then decides exactly when the frozen run wakes up. The run
+        // creates `<file>.paused` when it stops, so the test knows it got there.
+        if let Ok(file) = std::env::var("SESSIONIZER_PAUSE_UNTIL") {
+            let _ = std::fs::write(format!("{file}.paused"), b"");
+            let start = std::time::Instant::now();
+            while !std::path::Path::new(&file).exists() && start.elapsed().as_secs() < 300 {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            return;
+        }
         let ms = std::env::var("SESSIONIZER_PAUSE_MS")
             .ok()
             .and_then(|v| v.parse().ok())

@@ -17,9 +17,9 @@ use arrow::array::RecordBatch;
 use arrow::compute::{SortColumn, concat_batches, lexsort_to_indices, take_record_batch};
 use deltalake::kernel::Add;
 
+use crate::delta::FileWriter;
 use crate::engine::{Engine, FILE_COL, FilePiece, ROW_COL, StepMetrics, VERSION_COL};
 use crate::error::Result;
-use crate::sink::FileWriter;
 
 /// Pending events per bucket for each MiB of `--bucket-size`: the default 4MiB (about 330,000
 /// click events of new data) takes 500,000 pending events.

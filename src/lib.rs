@@ -13,6 +13,10 @@
 //! - [`checkpoint`] records the plan before the outputs and the pending state plus progress
 //!   after them, and holds the lock that keeps two runs apart.
 //!
+//! - [`delta`] is the one door to Delta under all three: open, create, conform, txn lookups,
+//!   log walks, streaming rewrites, and the fenced commit that every output and state commit
+//!   goes through.
+//!
 //! [`config`] turns flags into validated settings before any of that happens; [`commands`] holds
 //! one module per subcommand; [`cli`] mirrors the flags.
 
@@ -20,6 +24,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod delta;
 pub mod engine;
 pub mod error;
 pub mod failpoint;

@@ -20,17 +20,13 @@ use datafusion::common::DFSchema;
 use datafusion::logical_expr::ExprSchemable;
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::prelude::{SessionConfig, SessionContext};
+use deltalake::DeltaTable;
 use deltalake::kernel::Action;
 use deltalake::logstore::{LogStoreRef, get_actions};
-use deltalake::{DeltaTable, DeltaTableError};
 use futures::StreamExt;
 use object_store::ObjectStore;
 use object_store::path::Path;
 use parquet::arrow::ProjectionMask;
-// ParquetObjectReader is deprecated upstream in favour of hand-written readers; it is still the
-// simplest correct reader over an object store, so we keep it until the replacement settles.
-#[allow(deprecated)]
-use parquet::arrow::async_reader::{ParquetObjectReader, ParquetRecordBatchStreamBuilder};
 
 use crate::config::{ByteSize, OnChangeCommit, TableLocation};
 use crate::engine::{EventSpec, FilePiece, Markers, TIME_COL, normalize, split_by_key};
@@ -38,56 +34,12 @@ use crate::error::{Error, Result};
 
 /// Opens the events table at its latest version, or explains why it is not one.
 pub async fn open_events(loc: &TableLocation) -> Result<DeltaTable> {
-    open_existing(
+    crate::delta::open_existing(
         loc,
         "--events",
         "create it with `sessionizer generate-rows`, or point --events at your table",
     )
     .await
-}
-
-/// Opens an existing Delta table, turning "not there" into a usage error naming the flag.
-pub async fn open_existing(loc: &TableLocation, flag: &str, fix: &str) -> Result<DeltaTable> {
-    try_load(loc).await?.ok_or_else(|| {
-        Error::usage(format!(
-            "{flag} `{loc}` is not a Delta table (there is no _delta_log with commits there); {fix}"
-        ))
-    })
-}
-
-/// Loads the Delta table at `loc` at its latest version, or `None` when there is none.
-///
-/// Existence is checked first (a listing of `_delta_log`), because loading a missing table
-/// surfaces as assorted kernel errors rather than one "not found".
-pub async fn try_load(loc: &TableLocation) -> Result<Option<DeltaTable>> {
-    if let Some(p) = loc.local_path() {
-        let log = p.join("_delta_log");
-        let has_commits = std::fs::read_dir(&log)
-            .map(|mut d| {
-                d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".json")))
-            })
-            .unwrap_or(false);
-        if !has_commits {
-            return Ok(None);
-        }
-    } else {
-        let t = loc.builder()?.build()?;
-        if !t.verify_deltatable_existence().await? {
-            return Ok(None);
-        }
-    }
-    match loc.builder()?.load().await {
-        Ok(t) => Ok(Some(t)),
-        Err(DeltaTableError::NotATable(_)) | Err(DeltaTableError::InvalidTableLocation(_)) => {
-            Ok(None)
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// The table's schema as Arrow.
-pub fn arrow_schema(table: &DeltaTable) -> Result<SchemaRef> {
-    Ok(table.snapshot()?.snapshot().arrow_schema())
 }
 
 /// One data file added by a commit.
@@ -263,6 +215,7 @@ impl ReadPlan {
             let expr = ctx
                 .parse_sql_expr(sql, &full)
                 .map_err(|e| bad_predicate(flag, sql, e))?;
+            refuse_non_deterministic(&expr, flag, sql)?;
             for c in expr.column_refs() {
                 if !names.contains(&c.name) {
                     names.push(c.name.clone());
@@ -358,6 +311,32 @@ fn predicate_context() -> SessionContext {
     SessionContext::new_with_config(config)
 }
 
+/// A predicate must give the same answer on every replay of a batch: functions whose result
+/// depends on anything but their arguments (`random()`, `uuid()`, `now()`, `current_date()`)
+/// are refused, naming the function.
+fn refuse_non_deterministic(expr: &datafusion::prelude::Expr, flag: &str, sql: &str) -> Result<()> {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    use datafusion::logical_expr::{Expr, Volatility};
+    let mut found = None;
+    expr.apply(|e| {
+        if let Expr::ScalarFunction(f) = e
+            && f.func.signature().volatility != Volatility::Immutable
+        {
+            found = Some(f.func.name().to_string());
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    match found {
+        None => Ok(()),
+        Some(name) => Err(Error::usage(format!(
+            "{flag} `{sql}` calls `{name}()`, whose result changes from call to call (or with the \
+             wall clock); a replay after a crash would cut other sessions than the first try. \
+             Use a condition on the event's own columns only"
+        ))),
+    }
+}
+
 fn bad_predicate(flag: &str, sql: &str, e: impl std::fmt::Display) -> Error {
     Error::usage(format!(
         "{flag} `{sql}` is not a valid SQL condition over the events' columns: {e}. Quote \
@@ -432,14 +411,16 @@ async fn read_file(
             file.path
         ))
     })?;
-    let builder = open_parquet(store, path, file.size).await.map_err(|e| {
-        Error::Source(format!(
-            "cannot read data file `{}` added in events version {version}: {e}. If the table \
+    let builder = crate::delta::open_parquet(store, path, file.size)
+        .await
+        .map_err(|e| {
+            Error::Source(format!(
+                "cannot read data file `{}` added in events version {version}: {e}. If the table \
                  was vacuumed, that version can no longer be read; start a new checkpoint with a \
                  later --starting-version",
-            file.path
-        ))
-    })?;
+                file.path
+            ))
+        })?;
     let file_schema = builder.schema().clone();
     let roots: Vec<usize> = plan
         .schema
@@ -501,17 +482,6 @@ async fn read_file(
         pieces.extend(gather(small)?);
     }
     Ok(out)
-}
-
-/// Opens a Parquet data file of `size` bytes on an object store for streaming reads.
-#[allow(deprecated)]
-pub async fn open_parquet(
-    store: Arc<dyn ObjectStore>,
-    path: Path,
-    size: u64,
-) -> parquet::errors::Result<ParquetRecordBatchStreamBuilder<ParquetObjectReader>> {
-    let reader = ParquetObjectReader::new(store, path).with_file_size(size);
-    ParquetRecordBatchStreamBuilder::new(reader).await
 }
 
 /// Adds the projected columns that live in the file's partition values rather than in the file.

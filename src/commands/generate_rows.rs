@@ -20,7 +20,6 @@ use rand::{Rng, SeedableRng};
 use crate::cli::GenerateArgs;
 use crate::config::TableLocation;
 use crate::error::{Error, Result};
-use crate::sink;
 
 /// The demo schema: `user_id BIGINT, visit_time TIMESTAMP, page STRING`.
 pub fn demo_schema() -> SchemaRef {
@@ -99,7 +98,7 @@ fn to_batch(rows: &Rows) -> Result<RecordBatch> {
 
 /// The latest event time and largest user id already in the table.
 async fn latest_event(loc: &TableLocation) -> Result<Option<(i64, i64)>> {
-    let Some(table) = crate::source::try_load(loc).await? else {
+    let Some(table) = crate::delta::try_load(loc).await? else {
         return Ok(None);
     };
     let ctx = SessionContext::new();
@@ -129,7 +128,7 @@ pub async fn append(loc: &TableLocation, rows: &Rows) -> Result<i64> {
 
 /// Appends one batch to a table (created with the batch's schema on first use) in one commit.
 pub async fn append_batch(loc: &TableLocation, batch: RecordBatch) -> Result<i64> {
-    let table = sink::open_or_create(loc, &batch.schema(), false, "--events").await?;
+    let table = crate::delta::open_or_create(loc, &batch.schema(), false, "--events").await?;
     let table = table
         .write(vec![batch])
         .with_save_mode(SaveMode::Append)

@@ -18,8 +18,8 @@ use serde::Serialize;
 use crate::checkpoint::Checkpoint;
 use crate::cli::MaintainArgs;
 use crate::config::{OutputFormat, TableLocation};
+use crate::delta::try_load;
 use crate::error::{Error, Result};
-use crate::source::try_load;
 
 /// What maintenance did to one table.
 #[derive(Debug, Clone, Serialize)]

@@ -31,7 +31,7 @@ pub async fn query(tables: &crate::config::Tables, sql: &str) -> Result<Vec<Reco
     }
     let mut registered = Vec::new();
     for (name, loc) in named {
-        if let Some(t) = crate::source::try_load(&loc).await? {
+        if let Some(t) = crate::delta::try_load(&loc).await? {
             let provider = t.table_provider().await?;
             if name == "live_sessions" {
                 ctx.register_table("live", provider.clone())?;

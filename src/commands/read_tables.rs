@@ -35,7 +35,7 @@ pub async fn read_table(
     order: &[&str],
     limit: Option<usize>,
 ) -> Result<Option<Vec<RecordBatch>>> {
-    let Some(table) = crate::source::try_load(loc).await? else {
+    let Some(table) = crate::delta::try_load(loc).await? else {
         return Ok(None);
     };
     let ctx = SessionContext::new();

@@ -1,9 +1,22 @@
 //! `sessionizer sessionize`: one available-now run, batch by batch.
 //!
-//! For each batch: plan (record the source versions) → read → sessionize → append sessions →
-//! MERGE live → write state + progress. The plan is durable before the first output, each
-//! output carries the batch's txn, and the state commit comes last, so a crash anywhere leaves
-//! a checkpoint from which a rerun redoes exactly the missing steps of exactly the same batch.
+//! Before anything is written, the run checks what it can by reading only: the checkpoint's
+//! identity (tables, keys, rules), where a new checkpoint starts, and that a new checkpoint's
+//! output tables were not written by another checkpoint. Then it takes the lock, and each
+//! batch goes through short stages, each returning a report that adds into the run summary:
+//!
+//! 1. [`Batch::plan`]: replay the recorded plan of an unfinished batch, or choose the next
+//!    source versions;
+//! 2. [`Batch::check_outputs`]: which outputs already hold this batch, and that none holds a
+//!    different or later one (the checkpoint must not be behind its outputs);
+//! 3. record the plan (once, put-if-absent), then [`Batch::read`] the new files;
+//! 4. [`Batch::fold`]: the engine over the key buckets, streaming closed sessions to files;
+//! 5. [`Batch::write_outputs`]: sessions, late rows, live, each a fenced commit;
+//! 6. [`Batch::record`]: pending state + progress in one commit against the state version read.
+//!
+//! The plan is durable before the first output, each output carries the batch's txn and
+//! record, and the state commit comes last, so a crash anywhere leaves a checkpoint from which
+//! a rerun redoes exactly the missing steps of exactly the same batch.
 
 use std::io::Write;
 use std::time::Instant;
@@ -12,14 +25,15 @@ use arrow::array::RecordBatch;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::checkpoint::{Checkpoint, Identity, Plan, Progress};
+use crate::checkpoint::{Checkpoint, Identity, LockGuard, Plan, Progress};
 use crate::cli::SessionizeArgs;
 use crate::config::{Collect, Mode, OutputFormat, Settings, split_list};
+use crate::delta::{self, BatchRecord, BatchTag};
 use crate::engine::{
     Engine, EventSpec, SessionRules, live_schema, rejected_schema, sessions_schema, split_by_key,
 };
 use crate::error::{Error, Result};
-use crate::source::{self, BatchLimits, ReadPlan, VersionFiles};
+use crate::source::{self, BatchLimits, EventParts, ReadPlan, VersionFiles};
 use crate::{failpoint, fold, sink};
 
 /// The run summary: what SPEC.md lists, plus the number of batches.
@@ -191,65 +205,188 @@ fn rules_fingerprint(s: &Settings) -> String {
     }
 }
 
+impl std::ops::AddAssign for Phases {
+    fn add_assign(&mut self, o: Self) {
+        self.plan += o.plan;
+        self.read += o.read;
+        self.sessionize += o.sessionize;
+        self.write_sessions += o.write_sessions;
+        self.merge_live += o.merge_live;
+        self.write_state += o.write_state;
+        self.commit += o.commit;
+    }
+}
+
+/// What one batch adds to the run summary.
+#[derive(Debug, Default)]
+struct BatchReport {
+    versions: Option<(u64, u64)>,
+    metrics: crate::engine::StepMetrics,
+    live_rows_upserted: u64,
+    phases: Phases,
+}
+
+impl std::ops::AddAssign<BatchReport> for RunSummary {
+    fn add_assign(&mut self, b: BatchReport) {
+        self.batches += 1;
+        self.rows_read += b.metrics.rows_read;
+        self.rows_late += b.metrics.rows_late;
+        self.rows_invalid += b.metrics.rows_invalid;
+        self.sessions_closed += b.metrics.sessions_closed;
+        self.live_rows_upserted += b.live_rows_upserted;
+        self.phases += b.phases;
+        if let Some((a, z)) = b.versions {
+            let first = self
+                .source_versions
+                .as_deref()
+                .and_then(|s| s.split("..").next())
+                .map_or(a.to_string(), str::to_string);
+            self.source_versions = Some(format!("{first}..{z}"));
+        }
+    }
+}
+
+/// What a run works with, resolved from the settings and the events table before any write.
+struct Job<'a> {
+    settings: &'a Settings,
+    events: deltalake::DeltaTable,
+    engine: Engine,
+    read_plan: ReadPlan,
+    wanted: Identity,
+}
+
+impl<'a> Job<'a> {
+    async fn prepare(settings: &'a Settings) -> Result<Self> {
+        let t = &settings.tables;
+        let events = source::open_events(&t.events).await?;
+        let schema = delta::arrow_schema(&events)?;
+        let collect = match &settings.collect {
+            Collect::Auto if schema.field_with_name("page").is_ok() => vec!["page".to_string()],
+            Collect::Auto | Collect::None => vec![],
+            Collect::Columns(c) => c.clone(),
+        };
+        let pairs = settings.mode == Mode::Pairs;
+        let (collect, sums) = if pairs {
+            (vec![], vec![])
+        } else {
+            (collect, settings.sums.clone())
+        };
+        let spec = EventSpec::resolve(
+            &schema,
+            &settings.keys,
+            &settings.time_column,
+            &collect,
+            &sums,
+        )?
+        .with_pairs(pairs);
+        let read_plan = ReadPlan::new(
+            &spec,
+            &schema,
+            settings.start_when.as_deref(),
+            settings.end_when.as_deref(),
+        )?;
+        let wanted = Identity {
+            format: 1,
+            checkpoint_id: uuid::Uuid::new_v4().to_string(),
+            events_table: t.events.url().to_string(),
+            events_table_id: events.snapshot()?.metadata().id().to_string(),
+            keys: settings.keys.clone(),
+            key_types: spec.key_types.iter().map(|t| t.to_string()).collect(),
+            time_column: settings.time_column.clone(),
+            gap: settings.gap.to_string(),
+            watermark_delay: settings.watermark_delay.to_string(),
+            collect,
+            sums,
+            rules: rules_fingerprint(settings),
+            created_at: Utc::now().to_rfc3339(),
+        };
+        let engine = Engine::new(
+            spec,
+            SessionRules {
+                gap_us: settings.gap.as_micros(),
+                delay_us: settings.watermark_delay.as_micros(),
+                max_duration_us: settings.max_duration.map(|d| d.as_micros()),
+                pair_timeout_us: settings.pair_timeout.as_micros(),
+            },
+        );
+        Ok(Self {
+            settings,
+            events,
+            engine,
+            read_plan,
+            wanted,
+        })
+    }
+
+    fn latest(&self) -> u64 {
+        self.events.version().unwrap_or(0).max(0) as u64
+    }
+
+    /// The first events version to read, after `progress`; for a new checkpoint, from
+    /// `--starting-version` or `--starting-timestamp` (refused when beyond the table).
+    async fn first_version(&self, progress: &Progress) -> Result<u64> {
+        let latest = self.latest();
+        let next = match (progress.last_version, &self.settings.starting_timestamp) {
+            (Some(v), _) => v + 1,
+            (None, Some(ts)) => {
+                source::first_version_at_or_after(&self.events.log_store(), latest, ts).await?
+            }
+            (None, None) => self.settings.starting_version.unwrap_or(0),
+        };
+        if progress.last_version.is_none() && next > latest + 1 {
+            return Err(Error::usage(format!(
+                "--starting-version {next} is beyond the events table's latest version {latest}"
+            )));
+        }
+        Ok(next)
+    }
+
+    /// A new checkpoint must not write to tables that another checkpoint wrote: its batches
+    /// would repeat theirs. Checked by reading only, before anything is written.
+    async fn refuse_foreign_outputs(&self) -> Result<()> {
+        let t = &self.settings.tables;
+        let own = self.wanted.app_id();
+        let mut outputs = vec![("--sessions", &t.sessions), ("--live", &t.live)];
+        if let Some(l) = &t.late_events {
+            outputs.push(("--late-events", l));
+        }
+        for (flag, loc) in outputs {
+            let Some(table) = delta::try_load(loc).await? else {
+                continue;
+            };
+            if let Some((app, batch, version)) = delta::other_checkpoints(&table, &own)
+                .await?
+                .into_iter()
+                .next()
+            {
+                return Err(Error::Disagreement(format!(
+                    "{flag} `{loc}` was written by another sessionizer checkpoint ({app}: batch \
+                     {batch} at table version {version}), and the checkpoint `{}` is new. A new \
+                     checkpoint would write every session again. Ways out: point --checkpoint \
+                     at the checkpoint that wrote these tables (restore it if it was lost), or \
+                     give this checkpoint new --sessions and --live (and --late-events) tables",
+                    t.checkpoint
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// One available-now run.
 pub async fn run(settings: &Settings) -> Result<RunSummary> {
     let started = Instant::now();
-    let t = &settings.tables;
-    let events = source::open_events(&t.events).await?;
-    let schema = source::arrow_schema(&events)?;
-    let collect = match &settings.collect {
-        Collect::Auto if schema.field_with_name("page").is_ok() => vec!["page".to_string()],
-        Collect::Auto | Collect::None => vec![],
-        Collect::Columns(c) => c.clone(),
-    };
-    let pairs = settings.mode == Mode::Pairs;
-    let (collect, sums) = if pairs {
-        (vec![], vec![])
-    } else {
-        (collect, settings.sums.clone())
-    };
-    let spec = EventSpec::resolve(
-        &schema,
-        &settings.keys,
-        &settings.time_column,
-        &collect,
-        &sums,
-    )?
-    .with_pairs(pairs);
-    let read_plan = ReadPlan::new(
-        &spec,
-        &schema,
-        settings.start_when.as_deref(),
-        settings.end_when.as_deref(),
-    )?;
-    let engine = Engine::new(
-        spec.clone(),
-        SessionRules {
-            gap_us: settings.gap.as_micros(),
-            delay_us: settings.watermark_delay.as_micros(),
-            max_duration_us: settings.max_duration.map(|d| d.as_micros()),
-            pair_timeout_us: settings.pair_timeout.as_micros(),
-        },
-    );
-    let wanted = Identity {
-        format: 1,
-        checkpoint_id: uuid::Uuid::new_v4().to_string(),
-        events_table: t.events.url().to_string(),
-        events_table_id: events.snapshot()?.metadata().id().to_string(),
-        keys: settings.keys.clone(),
-        key_types: spec.key_types.iter().map(|t| t.to_string()).collect(),
-        time_column: settings.time_column.clone(),
-        gap: settings.gap.to_string(),
-        watermark_delay: settings.watermark_delay.to_string(),
-        collect,
-        sums,
-        rules: rules_fingerprint(settings),
-        created_at: Utc::now().to_rfc3339(),
-    };
-    let cp = Checkpoint::open(&t.checkpoint, true)?;
+    let job = Job::prepare(settings).await?;
+    let cp = Checkpoint::at(&settings.tables.checkpoint)?;
+    // Everything that can refuse the run is checked before the first write, even on a new
+    // checkpoint: a refused run leaves no trace.
     let existing = cp.identity().await?;
-    if let Some(id) = &existing {
-        id.check_matches(&wanted, &cp.loc)?;
+    match &existing {
+        Some(id) => id.check_matches(&job.wanted, &cp.loc)?,
+        None => {
+            job.first_version(&Progress::default()).await?;
+            job.refuse_foreign_outputs().await?;
+        }
     }
     let lock = cp.lock(settings.break_lock).await?;
     failpoint::pause("pause-after-lock").await;
@@ -257,16 +394,15 @@ pub async fn run(settings: &Settings) -> Result<RunSummary> {
         let identity = match existing {
             Some(id) => id,
             None => {
-                cp.write_identity(&wanted).await?;
-                // Re-read: a run that raced us to create the checkpoint wins.
-                cp.identity().await?.unwrap_or(wanted)
+                lock.fence().check().await?;
+                let id = cp.write_identity(&job.wanted).await?;
+                // A run that raced us to create the checkpoint won: its settings must fit.
+                id.check_matches(&job.wanted, &cp.loc)?;
+                id
             }
         };
         let started_ms = started.elapsed().as_millis() as u64;
-        run_locked(
-            settings, &engine, &events, &read_plan, &cp, &identity, started_ms,
-        )
-        .await
+        run_locked(&job, &cp, &identity, &lock, started_ms).await
     }
     .await;
     let released = lock.release().await;
@@ -280,250 +416,418 @@ pub async fn run(settings: &Settings) -> Result<RunSummary> {
     Ok(summary)
 }
 
+/// The output tables of a run, open for writing.
+struct Outputs {
+    sessions: deltalake::DeltaTable,
+    live: deltalake::DeltaTable,
+    late: Option<deltalake::DeltaTable>,
+}
+
+/// Which outputs already hold the batch being written (a replay after a crash).
+#[derive(Debug, Default, Clone, Copy)]
+struct Done {
+    sessions: bool,
+    live: bool,
+    late: bool,
+}
+
+/// The state a run carries from batch to batch.
+struct Batch<'a> {
+    job: &'a Job<'a>,
+    cp: &'a Checkpoint,
+    app_id: String,
+    lock: &'a LockGuard,
+    outputs: Outputs,
+    state: Option<deltalake::DeltaTable>,
+    progress: Progress,
+    /// The pending events, once read: a run with nothing new never reads them.
+    pending: Option<RecordBatch>,
+    next: u64,
+    clock: Instant,
+}
+
+/// A batch chosen by [`Batch::plan`].
+struct Planned {
+    plan: Plan,
+    vfs: Vec<VersionFiles>,
+    /// True when the plan was recorded by an earlier, unfinished run.
+    replay: bool,
+}
+
 async fn run_locked(
-    settings: &Settings,
-    engine: &Engine,
-    events: &deltalake::DeltaTable,
-    read_plan: &ReadPlan,
+    job: &Job<'_>,
     cp: &Checkpoint,
     identity: &Identity,
+    lock: &LockGuard,
     started_ms: u64,
 ) -> Result<RunSummary> {
+    let settings = job.settings;
     let t = &settings.tables;
-    let spec = &engine.spec;
-    let app_id = identity.app_id();
-    let mut clock = Instant::now();
-    let mut phases = Phases {
-        plan: started_ms,
-        ..Default::default()
-    };
-    let log_store = events.log_store();
-    let latest = events.version().unwrap_or(0);
-
-    let mut state = cp.state_table().await?;
-    let mut progress = cp.progress(state.as_ref()).await?;
-    // The pending events are read when a batch needs them: a run with nothing new skips them.
-    let mut pending: Option<RecordBatch> = None;
-    let mut next = match (progress.last_version, &settings.starting_timestamp) {
-        (Some(v), _) => v + 1,
-        (None, Some(ts)) => source::first_version_at_or_after(&log_store, latest, ts).await?,
-        (None, None) => settings.starting_version.unwrap_or(0),
-    };
-    if progress.last_version.is_none() && next > latest + 1 {
-        return Err(Error::usage(format!(
-            "--starting-version {next} is beyond the events table's latest version {latest}"
-        )));
-    }
-
-    let mut sessions =
-        sink::open_or_create(&t.sessions, &sessions_schema(spec), true, "--sessions").await?;
-    let mut live = sink::open_or_create(&t.live, &live_schema(spec), false, "--live").await?;
-    sink::check_rewritable(&live, &t.live, "--live")?;
-    let mut late = match &t.late_events {
+    let spec = &job.engine.spec;
+    let state = cp.state_table().await?;
+    let progress = cp.progress(state.as_ref()).await?;
+    let next = job.first_version(&progress).await?;
+    let sessions =
+        delta::open_or_create(&t.sessions, &sessions_schema(spec), true, "--sessions").await?;
+    let live = delta::open_or_create(&t.live, &live_schema(spec), false, "--live").await?;
+    delta::check_rewritable(&live, &t.live, "--live")?;
+    let late = match &t.late_events {
         Some(loc) => {
-            Some(sink::open_or_create(loc, &rejected_schema(spec), true, "--late-events").await?)
+            Some(delta::open_or_create(loc, &rejected_schema(spec), true, "--late-events").await?)
         }
         None => None,
     };
-
     if settings.max_bytes_per_batch.is_some() {
         crate::memory::return_freed_memory_at_once();
     }
-    let limits = BatchLimits {
-        max_files: settings.max_files_per_batch,
-        max_bytes: settings.max_bytes_per_batch,
+    let mut run = Batch {
+        job,
+        cp,
+        app_id: identity.app_id(),
+        lock,
+        outputs: Outputs {
+            sessions,
+            live,
+            late,
+        },
+        state,
+        progress,
+        pending: None,
+        next,
+        clock: Instant::now(),
     };
-    let mut summary = RunSummary::default();
-    let (mut first_read, mut last_read) = (None, None);
+    let mut summary = RunSummary {
+        phases: Phases {
+            plan: started_ms,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let latest = job.latest();
     let bar = crate::progress::bar((latest + 1).saturating_sub(next), "versions");
     loop {
-        phases.plan += lap(&mut clock);
-        let seq = progress.seq + 1;
-        // Plan: replay the recorded plan of an unfinished batch, or choose the next versions.
-        let (plan, vfs) = match cp.plan().await? {
-            Some(p) if p.seq == seq => {
-                tracing::info!(?p, "replaying the unfinished batch");
-                let vfs = match p.versions {
-                    Some((a, b)) => {
-                        let mut v = Vec::new();
-                        for version in a..=b {
-                            v.push(
-                                source::read_version(
-                                    &log_store,
-                                    version,
-                                    settings.on_change_commit,
-                                )
-                                .await?,
-                            );
-                        }
-                        v
-                    }
-                    None => Vec::new(),
-                };
-                (p, vfs)
-            }
-            _ => {
-                let vfs = if next <= latest {
-                    source::plan_versions(
-                        &log_store,
-                        next,
-                        latest,
-                        limits,
-                        settings.on_change_commit,
-                    )
-                    .await?
-                } else {
-                    Vec::new()
-                };
-                let last = vfs.last().map(|v: &VersionFiles| v.version);
-                let reaches_latest = last.is_none_or(|l| l == latest);
-                if vfs.is_empty() && !settings.flush {
-                    break;
-                }
-                if vfs.is_empty() {
-                    let p = cp
-                        .pending(state.as_ref(), &spec.normalized_schema())
-                        .await?;
-                    if p.num_rows() == 0 {
-                        break;
-                    }
-                    pending = Some(p);
-                }
-                let plan = Plan {
-                    seq,
-                    versions: vfs.first().map(|f| (f.version, last.expect("non-empty"))),
-                    flush: settings.flush && reaches_latest,
-                };
-                cp.write_plan(&plan).await?;
-                (plan, vfs)
-            }
+        summary.phases.plan += lap(&mut run.clock);
+        let Some(planned) = run.plan().await? else {
+            break;
         };
+        let flush = planned.plan.flush;
+        let versions = planned.vfs.len() as u64;
+        let report = run.batch(planned, &bar).await?;
+        summary += report;
+        failpoint::hit(&format!("after-batch-{}", summary.batches));
+        bar.inc(versions);
+        if flush {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    summary.phases.plan += lap(&mut run.clock);
+    summary.sessions_pending = run.progress.sessions_pending;
+    summary.watermark = run.progress.watermark_us.map(format_micros);
+    Ok(summary)
+}
+
+impl Batch<'_> {
+    fn settings(&self) -> &Settings {
+        self.job.settings
+    }
+
+    /// Stage 1: the recorded plan of an unfinished batch, or the next versions to read;
+    /// `None` when there is nothing to do.
+    async fn plan(&mut self) -> Result<Option<Planned>> {
+        let settings = self.job.settings;
+        let seq = self.progress.seq + 1;
+        let log_store = self.job.events.log_store();
+        if let Some(plan) = self.cp.plan(seq).await? {
+            tracing::info!(?plan, "replaying the unfinished batch");
+            let mut vfs = Vec::new();
+            if let Some((a, b)) = plan.versions {
+                for version in a..=b {
+                    vfs.push(
+                        source::read_version(&log_store, version, settings.on_change_commit)
+                            .await?,
+                    );
+                }
+            }
+            return Ok(Some(Planned {
+                plan,
+                vfs,
+                replay: true,
+            }));
+        }
+        let latest = self.job.latest();
+        let limits = BatchLimits {
+            max_files: settings.max_files_per_batch,
+            max_bytes: settings.max_bytes_per_batch,
+        };
+        let vfs = if self.next <= latest {
+            source::plan_versions(
+                &log_store,
+                self.next,
+                latest,
+                limits,
+                settings.on_change_commit,
+            )
+            .await?
+        } else {
+            Vec::new()
+        };
+        let last = vfs.last().map(|v: &VersionFiles| v.version);
+        if vfs.is_empty() {
+            if !settings.flush {
+                return Ok(None);
+            }
+            let spec = &self.job.engine.spec;
+            let p = self
+                .cp
+                .pending(self.state.as_ref(), &spec.normalized_schema())
+                .await?;
+            if p.num_rows() == 0 {
+                return Ok(None);
+            }
+            self.pending = Some(p);
+        }
+        let plan = Plan {
+            seq,
+            versions: vfs.first().map(|f| (f.version, last.expect("non-empty"))),
+            flush: settings.flush && last.is_none_or(|l| l == latest),
+        };
+        Ok(Some(Planned {
+            plan,
+            vfs,
+            replay: false,
+        }))
+    }
+
+    fn tag(&self, plan: &Plan) -> BatchTag {
+        BatchTag {
+            app_id: self.app_id.clone(),
+            record: BatchRecord {
+                seq: plan.seq,
+                versions: plan.versions,
+                flush: plan.flush,
+                epoch: self.lock.epoch(),
+                run: self.lock.token().to_string(),
+            },
+            fence: self.lock.fence().clone(),
+        }
+    }
+
+    /// Stage 2: which outputs already hold this batch; refuses when one holds another batch
+    /// under this number, or a later one.
+    async fn check_outputs(&self, tag: &BatchTag) -> Result<Done> {
+        let t = &self.settings().tables;
+        let cp = &self.cp.loc;
+        let o = &self.outputs;
+        Ok(Done {
+            sessions: sink::batch_done(&o.sessions, &t.sessions, "--sessions", tag, cp).await?,
+            live: sink::batch_done(&o.live, &t.live, "--live", tag, cp).await?,
+            late: match (&o.late, &t.late_events) {
+                (Some(table), Some(loc)) => {
+                    sink::batch_done(table, loc, "--late-events", tag, cp).await?
+                }
+                _ => false,
+            },
+        })
+    }
+
+    /// One batch, stage by stage.
+    async fn batch(
+        &mut self,
+        planned: Planned,
+        bar: &indicatif::ProgressBar,
+    ) -> Result<BatchReport> {
+        let tag = self.tag(&planned.plan);
+        let done = self.check_outputs(&tag).await?;
+        if !planned.replay {
+            self.cp.record_plan(&planned.plan, &tag.fence).await?;
+        }
         failpoint::hit("after-plan");
-        for v in &vfs {
+        failpoint::pause("pause-after-plan").await;
+        for v in &planned.vfs {
             if let Some(why) = &v.skipped {
                 tracing::info!(version = v.version, "skipped: {why}");
             }
         }
+        let mut report = BatchReport {
+            versions: planned.plan.versions,
+            ..Default::default()
+        };
+        report.phases.plan += lap(&mut self.clock);
+        let seq = planned.plan.seq;
+        bar.set_message(format!("batch {seq}: reading"));
+        let (open_events, new_events, buckets) = self.read(&planned.vfs).await?;
+        report.phases.read += lap(&mut self.clock);
+        failpoint::hit("after-read");
+        bar.set_message(format!("batch {seq}: sessionizing"));
+        let new_watermark = self
+            .job
+            .engine
+            .watermark_after(self.progress.watermark_us, new_events.max_time);
+        let out = self
+            .fold(
+                open_events,
+                new_events,
+                buckets,
+                new_watermark,
+                &planned.plan,
+                done,
+            )
+            .await?;
+        // The threads fold and encode in turn; the stage's wall time is shared between the
+        // two phases in proportion to the threads' time in each.
+        let stage = lap(&mut self.clock);
+        let (f, w) = (out.fold_time.as_secs_f64(), out.write_time.as_secs_f64());
+        let fold_share = if f + w > 0.0 { f / (f + w) } else { 1.0 };
+        let fold_ms = (stage as f64 * fold_share).round() as u64;
+        report.phases.sessionize += fold_ms;
+        report.phases.write_sessions += stage - fold_ms;
+        bar.set_message(format!("batch {seq}: writing"));
+        let mut out = out;
+        let adds = std::mem::take(&mut out.adds);
+        report.live_rows_upserted = self
+            .write_outputs(adds, &out, done, &tag, &mut report.phases)
+            .await?;
+        self.record(out, &planned.plan, new_watermark, &tag, &mut report)
+            .await?;
+        Ok(report)
+    }
 
-        phases.plan += lap(&mut clock);
+    /// Stage 3: the pending events and the batch's new events, cut into key buckets.
+    async fn read(&mut self, vfs: &[VersionFiles]) -> Result<(RecordBatch, EventParts, usize)> {
+        let spec = &self.job.engine.spec;
         let files: usize = vfs.iter().map(|v| v.files.len()).sum();
         let new_bytes: u64 = vfs.iter().flat_map(|v| &v.files).map(|f| f.size).sum();
-        let open_events = match pending.take() {
+        let open_events = match self.pending.take() {
             Some(p) => p,
             None => {
-                cp.pending(state.as_ref(), &spec.normalized_schema())
+                self.cp
+                    .pending(self.state.as_ref(), &spec.normalized_schema())
                     .await?
             }
         };
-        let buckets = fold::bucket_count(new_bytes, open_events.num_rows(), settings.bucket_size.0);
-        bar.set_message(format!("batch {seq}: reading {files} files"));
-        let new_events =
-            source::read_events(events.object_store(), &vfs, spec, read_plan, buckets).await?;
-        phases.read += lap(&mut clock);
-        failpoint::hit("after-read");
-        bar.set_message(format!("batch {seq}: sessionizing"));
-        let new_watermark = engine.watermark_after(progress.watermark_us, new_events.max_time);
-        // The pending events live on only in their buckets.
-        let pending_parts = split_by_key(&open_events, &spec.key_columns, buckets)?;
+        let buckets = fold::bucket_count(
+            new_bytes,
+            open_events.num_rows(),
+            self.settings().bucket_size.0,
+        );
+        tracing::debug!(files, buckets, "reading the batch's files");
+        let new_events = source::read_events(
+            self.job.events.object_store(),
+            vfs,
+            spec,
+            &self.job.read_plan,
+            buckets,
+        )
+        .await?;
+        Ok((open_events, new_events, buckets))
+    }
+
+    /// Stage 4: the engine over every key bucket, closed sessions streamed into files (unless
+    /// the sessions table already holds this batch).
+    async fn fold(
+        &self,
+        open_events: RecordBatch,
+        new_events: EventParts,
+        buckets: usize,
+        new_watermark: Option<i64>,
+        plan: &Plan,
+        done: Done,
+    ) -> Result<fold::Folded> {
+        let engine = &self.job.engine;
+        let pending_parts = split_by_key(&open_events, &engine.spec.key_columns, buckets)?;
         drop(open_events);
         let threads = fold::threads(buckets);
-        let writers = sink::append_writers(&sessions, &t.sessions, &app_id, seq, threads).await?;
-        let mut out = fold::fold_buckets(
+        let writers = if done.sessions {
+            None
+        } else {
+            Some(sink::append_writers(&self.outputs.sessions, threads)?)
+        };
+        let out = fold::fold_buckets(
             engine,
             pending_parts,
             new_events.buckets,
-            progress.watermark_us,
+            self.progress.watermark_us,
             new_watermark,
             plan.flush,
             writers,
             threads,
         )
         .await?;
-        // The threads fold and encode in turn; the stage's wall time is shared between the
-        // two phases in proportion to the threads' time in each.
-        let stage = lap(&mut clock);
-        let (f, w) = (out.fold_time.as_secs_f64(), out.write_time.as_secs_f64());
         tracing::debug!(
             buckets,
             threads,
-            fold_thread_ms = (f * 1000.0) as u64,
-            write_thread_ms = (w * 1000.0) as u64,
+            fold_thread_ms = out.fold_time.as_millis() as u64,
+            write_thread_ms = out.write_time.as_millis() as u64,
             "engine threads done"
         );
-        let fold_share = if f + w > 0.0 { f / (f + w) } else { 1.0 };
-        let fold_ms = (stage as f64 * fold_share).round() as u64;
-        phases.sessionize += fold_ms;
-        phases.write_sessions += stage - fold_ms;
-        bar.set_message(format!("batch {seq}: writing"));
+        Ok(out)
+    }
 
-        let (s, _) = sink::commit_files(
-            sessions,
-            &t.sessions,
-            std::mem::take(&mut out.adds),
-            &app_id,
-            seq,
-        )
-        .await?;
-        sessions = s;
-        phases.write_sessions += lap(&mut clock);
-        failpoint::hit("after-sessions-commit");
-        if let (Some(table), Some(loc)) = (late.take(), &t.late_events) {
-            let (l, _) =
-                sink::append_once(table, loc, vec![out.rejected.clone()], &app_id, seq).await?;
-            late = Some(l);
+    /// Stage 5: the sessions, late rows and live rows, each in one fenced commit (skipped on
+    /// the tables that already hold this batch). Returns the live rows upserted.
+    async fn write_outputs(
+        &mut self,
+        adds: Vec<deltalake::kernel::Add>,
+        out: &fold::Folded,
+        done: Done,
+        tag: &BatchTag,
+        phases: &mut Phases,
+    ) -> Result<u64> {
+        let t = &self.job.settings.tables;
+        let o = &mut self.outputs;
+        if !done.sessions {
+            let table = o.sessions.clone();
+            o.sessions = delta::commit_files(table, &t.sessions, adds, tag).await?.0;
         }
-        let (l, upserted) = sink::merge_live(
-            live,
-            &t.live,
-            out.live.clone(),
-            &spec.key_columns,
-            &app_id,
-            seq,
-        )
-        .await?;
-        live = l;
-        phases.merge_live += lap(&mut clock);
+        phases.write_sessions += lap(&mut self.clock);
+        failpoint::hit("after-sessions-commit");
+        if let (Some(table), Some(loc), false) = (&o.late, &t.late_events, done.late) {
+            let rows = vec![out.rejected.clone()];
+            o.late = Some(sink::append(table.clone(), loc, rows, tag).await?.0);
+        }
+        let upserted = out.live.num_rows() as u64;
+        if !done.live {
+            let keys = &self.job.engine.spec.key_columns;
+            let table = o.live.clone();
+            o.live = sink::merge_live(table, &t.live, out.live.clone(), keys, tag)
+                .await?
+                .0;
+        }
+        phases.merge_live += lap(&mut self.clock);
         failpoint::hit("after-live-commit");
+        Ok(upserted)
+    }
 
-        let new_progress = Progress {
-            seq,
-            last_version: plan.versions.map(|(_, b)| b).or(progress.last_version),
+    /// Stage 6: the pending state and the progress, in one commit against the state version
+    /// this run read.
+    async fn record(
+        &mut self,
+        out: fold::Folded,
+        plan: &Plan,
+        new_watermark: Option<i64>,
+        tag: &BatchTag,
+        report: &mut BatchReport,
+    ) -> Result<()> {
+        let progress = Progress {
+            seq: plan.seq,
+            last_version: plan.versions.map(|(_, b)| b).or(self.progress.last_version),
             watermark_us: new_watermark,
             sessions_pending: out.metrics.sessions_pending,
             committed_at: Some(Utc::now().to_rfc3339()),
         };
-        state = Some(
-            cp.write_state(state, out.pending.clone(), &new_progress, &app_id)
+        let state = self.state.take();
+        self.state = Some(
+            self.cp
+                .write_state(state, out.pending.clone(), &progress, tag)
                 .await?,
         );
-        phases.write_state += lap(&mut clock);
+        report.phases.write_state += lap(&mut self.clock);
         failpoint::hit("after-state-commit");
-
-        summary.batches += 1;
-        failpoint::hit(&format!("after-batch-{}", summary.batches));
-        let m = out.metrics;
-        summary.rows_read += m.rows_read;
-        summary.rows_late += m.rows_late;
-        summary.rows_invalid += m.rows_invalid;
-        summary.sessions_closed += m.sessions_closed;
-        summary.live_rows_upserted += upserted as u64;
-        if let Some((a, b)) = plan.versions {
-            first_read = first_read.or(Some(a));
-            last_read = Some(b);
-        }
-        progress = new_progress;
-        pending = Some(out.pending);
-        next = progress.last_version.map_or(0, |v| v + 1);
-        bar.inc(vfs.len() as u64);
-        if plan.flush {
-            break;
-        }
+        report.metrics = out.metrics;
+        self.next = progress.last_version.map_or(0, |v| v + 1);
+        self.progress = progress;
+        self.pending = Some(out.pending);
+        Ok(())
     }
-    bar.finish_and_clear();
-    phases.plan += lap(&mut clock);
-    summary.phases = phases;
-    summary.source_versions = first_read.zip(last_read).map(|(a, b)| format!("{a}..{b}"));
-    summary.sessions_pending = progress.sessions_pending;
-    summary.watermark = progress.watermark_us.map(format_micros);
-    Ok(summary)
 }

@@ -385,7 +385,7 @@ impl Engine {
         }
         Ok(Cut {
             closed: output::closed_sessions(&self.spec, sorted, unsorted, &closed)?,
-            live: output::live_rows(&self.spec, sorted, &live)?,
+            live: output::live_rows(&self.spec, sorted, unsorted, &live)?,
             pending_rows: open
                 .iter()
                 .flat_map(|s| (s.start as u32)..(s.end as u32))

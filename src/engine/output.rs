@@ -18,7 +18,7 @@ use arrow::error::ArrowError;
 
 use super::input::{EventSpec, sum_input_name};
 use super::rules::SessionSpan;
-use super::{TIME_COL, field, schema_of};
+use super::{FILE_COL, ROW_COL, TIME_COL, VERSION_COL, field, schema_of};
 
 pub(super) fn ts_type() -> DataType {
     DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
@@ -95,13 +95,17 @@ pub fn rejected_schema(spec: &EventSpec) -> SchemaRef {
     schema_of(fs)
 }
 
-/// A session's id: a 128-bit hash of its key values and start time, as 32 hex digits.
+/// A session's id: a 128-bit hash of its key values, its start time and the position of its
+/// first event (commit version, file ordinal, row in file: the tie-break of SPEC rule 10), as
+/// 32 hex digits.
 ///
-/// The encoding is ours (type tag, then fixed-width little-endian integers or length-prefixed
-/// UTF-8), so the id does not depend on Arrow's internal row format and stays stable across
-/// releases: the same session always gets the same id, run after run and replay after replay.
-pub fn session_id(keys: &[ArrayRef], row: usize, start_us: i64) -> String {
-    hash_id(keys, row, &[start_us])
+/// The start time alone is not enough: an end marker followed by an event at the same instant
+/// gives two sessions of one key with one start time. The first event's position tells them
+/// apart, and it is the same on every replay, so the id stays deterministic. The encoding is
+/// ours (type tag, then fixed-width little-endian integers or length-prefixed UTF-8), so the id
+/// does not depend on Arrow's internal row format and stays stable across releases.
+pub fn session_id(keys: &[ArrayRef], row: usize, start_us: i64, first: (i64, i32, i64)) -> String {
+    hash_id(keys, row, &[start_us, first.0, first.1 as i64, first.2])
 }
 
 /// The hash behind [`session_id`]: key values of `row`, then `instants` (microseconds).
@@ -189,6 +193,31 @@ impl Unsorted<'_> {
     pub fn rows(&self, sorted_rows: impl Iterator<Item = u32>) -> UInt32Array {
         UInt32Array::from_iter_values(sorted_rows.map(|r| self.perm[r as usize]))
     }
+
+    /// The tie-break columns of `all`.
+    fn positions(&self) -> Positions<'_> {
+        let col = |name: &str| self.all.column_by_name(name).expect("tie-break column");
+        Positions {
+            versions: col(VERSION_COL).as_primitive::<Int64Type>().values(),
+            files: col(FILE_COL)
+                .as_primitive::<arrow::datatypes::Int32Type>()
+                .values(),
+            rows: col(ROW_COL).as_primitive::<Int64Type>().values(),
+        }
+    }
+}
+
+/// Where each event came from: (commit version, file ordinal, row in file).
+struct Positions<'a> {
+    versions: &'a [i64],
+    files: &'a [i32],
+    rows: &'a [i64],
+}
+
+impl Positions<'_> {
+    fn of(&self, i: usize) -> (i64, i32, i64) {
+        (self.versions[i], self.files[i], self.rows[i])
+    }
 }
 
 /// Columns shared by the sessions and live outputs, gathered for a list of spans.
@@ -204,6 +233,7 @@ struct Gathered {
 fn gather(
     spec: &EventSpec,
     sorted: &RecordBatch,
+    unsorted: &Unsorted,
     spans: &[&SessionSpan],
 ) -> Result<Gathered, ArrowError> {
     let times = sorted
@@ -219,8 +249,11 @@ fn gather(
         .collect::<Result<_, _>>()?;
     let mut ids = arrow::array::StringBuilder::with_capacity(spans.len(), spans.len() * 32);
     let mut buf = Vec::with_capacity(64);
+    let positions = unsorted.positions();
     for (i, s) in spans.iter().enumerate() {
-        ids.append_value(hex_id(&mut buf, &keys, i, &[times[s.start]]).as_str());
+        let (v, f, r) = positions.of(unsorted.perm[s.start] as usize);
+        let instants = [times[s.start], v, f as i64, r];
+        ids.append_value(hex_id(&mut buf, &keys, i, &instants).as_str());
     }
     let session_ids = ids.finish();
     let start = TimestampMicrosecondArray::from_iter_values(spans.iter().map(|s| times[s.start]))
@@ -266,7 +299,7 @@ pub(super) fn closed_sessions(
     spans: &[SessionSpan],
 ) -> Result<RecordBatch, ArrowError> {
     let refs: Vec<&SessionSpan> = spans.iter().collect();
-    let g = gather(spec, sorted, &refs)?;
+    let g = gather(spec, sorted, unsorted, &refs)?;
     let duration = Int64Array::from_iter_values(
         g.start
             .values()
@@ -328,10 +361,11 @@ fn visited_pages(
 pub(super) fn live_rows(
     spec: &EventSpec,
     sorted: &RecordBatch,
+    unsorted: &Unsorted,
     rows: &[(SessionSpan, bool)],
 ) -> Result<RecordBatch, ArrowError> {
     let refs: Vec<&SessionSpan> = rows.iter().map(|(s, _)| s).collect();
-    let g = gather(spec, sorted, &refs)?;
+    let g = gather(spec, sorted, unsorted, &refs)?;
     let mut cols: Vec<ArrayRef> = g.keys;
     cols.push(Arc::new(g.session_ids));
     cols.push(Arc::new(g.start));

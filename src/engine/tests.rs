@@ -368,19 +368,44 @@ fn live_rows_show_the_current_session_per_key() {
 }
 
 #[test]
-fn session_ids_depend_on_key_and_start_only() {
+fn session_ids_depend_on_key_start_and_first_event_position_only() {
     let e = engine(30, 15);
+    let id = |b: &RecordBatch| b.column(0).as_string::<i32>().value(0).to_string();
+    // The same events, arriving in one step or in two: the same id.
     let a = e
         .step(&empty(), &[ev(0, &[(1, 0), (1, MIN)])], None, true)
         .unwrap();
+    let first = e.step(&empty(), &[ev(0, &[(1, 0)])], None, false).unwrap();
     let b = e
-        .step(&empty(), &[ev(7, &[(1, MIN), (1, 0)])], None, true)
+        .step(&first.pending, &[ev(1, &[(1, MIN)])], None, true)
         .unwrap();
-    let id = |b: &RecordBatch| b.column(0).as_string::<i32>().value(0).to_string();
     assert_eq!(id(&a.closed()), id(&b.closed()));
     assert_eq!(id(&a.closed()).len(), 32);
+    // Another key, or the same start from another event: another id.
     let c = e.step(&empty(), &[ev(0, &[(2, 0)])], None, true).unwrap();
     assert_ne!(id(&a.closed()), id(&c.closed()));
+    let d = e.step(&empty(), &[ev(7, &[(1, 0)])], None, true).unwrap();
+    assert_ne!(id(&a.closed()), id(&d.closed()));
+}
+
+#[test]
+fn sessions_of_one_key_starting_at_one_instant_get_distinct_ids() {
+    // An end marker, then an event at the very same instant: two sessions of user 1 that both
+    // start at 0.
+    let e = engine(30, 0);
+    let b = marked(0, &[(1, 0, "deposit", true), (1, 0, "next", false)]);
+    let out = e.step(&empty(), &[b.clone()], None, true).unwrap();
+    let closed = out.closed();
+    assert_eq!(closed.num_rows(), 2);
+    let ids = closed.column(0).as_string::<i32>();
+    assert_ne!(ids.value(0), ids.value(1));
+    // And a replay gives the same two ids.
+    let again = e.step(&empty(), &[b], None, true).unwrap().closed();
+    let again_ids = again.column(0).as_string::<i32>();
+    assert_eq!(
+        (ids.value(0), ids.value(1)),
+        (again_ids.value(0), again_ids.value(1))
+    );
 }
 
 #[test]

@@ -31,10 +31,7 @@ fn refused(base: &Base, args: &[&str], code: i32, needles: &[&str]) {
         events_before,
         "{args:?} wrote to the events table"
     );
-    assert!(
-        !base.table("checkpoint/_sessionizer/lock.json").exists(),
-        "{args:?} left its lock"
-    );
+    assert!(base.held_lock().is_none(), "{args:?} left its lock");
 }
 
 #[test]
@@ -162,7 +159,7 @@ fn events_versions_removed_by_log_cleanup_are_named() {
     base.gen_at("2026-02-15T17:08:00Z");
     let loc = sessionizer::config::TableLocation::from_path(&base.table("events")).unwrap();
     rt().block_on(async {
-        let t = sessionizer::source::try_load(&loc).await.unwrap().unwrap();
+        let t = sessionizer::delta::try_load(&loc).await.unwrap().unwrap();
         deltalake::checkpoints::create_checkpoint(&t, None)
             .await
             .unwrap();
@@ -251,7 +248,7 @@ fn rows_with_null_keys_or_times_are_counted_not_fatal() {
             ],
         )
         .unwrap();
-        let table = sessionizer::source::try_load(&loc).await.unwrap().unwrap();
+        let table = sessionizer::delta::try_load(&loc).await.unwrap().unwrap();
         table.write(vec![batch]).await.unwrap();
     });
     let late = base.table("late");
@@ -300,7 +297,7 @@ fn a_key_column_whose_type_changed_is_refused() {
             ],
         )
         .unwrap();
-        let table = sessionizer::source::try_load(&loc).await.unwrap().unwrap();
+        let table = sessionizer::delta::try_load(&loc).await.unwrap().unwrap();
         table
             .write(vec![batch])
             .with_save_mode(deltalake::protocol::SaveMode::Overwrite)

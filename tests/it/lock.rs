@@ -3,17 +3,23 @@
 
 use crate::util::*;
 
+/// Writes lock epoch 1 as another process would have left it.
 fn write_lock(base: &Base, host: &str, pid: u32, expires: chrono::DateTime<chrono::Utc>) {
-    let dir = base.table("checkpoint/_sessionizer");
+    let dir = base.table("checkpoint/_sessionizer/lock");
     std::fs::create_dir_all(&dir).unwrap();
+    let epoch = std::fs::read_dir(&dir).unwrap().count() as u64 + 1;
     let body = serde_json::json!({
+        "epoch": epoch,
         "token": "someone-else",
         "host": host,
         "pid": pid,
+        "boot_id": std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap().trim(),
+        "pid_ns": std::fs::read_link("/proc/self/ns/pid").unwrap().to_string_lossy(),
+        "started": 0,
         "since": "2026-02-15T10:00:00Z",
         "expires_at": expires.to_rfc3339(),
     });
-    std::fs::write(dir.join("lock.json"), body.to_string()).unwrap();
+    std::fs::write(dir.join(format!("{epoch:020}.json")), body.to_string()).unwrap();
 }
 
 fn this_host() -> String {
@@ -53,8 +59,7 @@ fn a_second_concurrent_run_exits_75_and_writes_nothing() {
         before[2],
         "the first run committed"
     );
-    let lock = base.table("checkpoint/_sessionizer/lock.json");
-    assert!(!lock.exists(), "the lock is released");
+    assert!(base.held_lock().is_none(), "the lock is released");
 }
 
 #[test]

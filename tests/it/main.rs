@@ -6,6 +6,7 @@
 mod bad_input;
 mod batches;
 mod crash;
+mod fencing;
 mod lock;
 mod models;
 mod ops;

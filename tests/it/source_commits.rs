@@ -8,7 +8,7 @@ use sessionizer::config::TableLocation;
 
 fn events_table(base: &Base) -> deltalake::DeltaTable {
     let loc = TableLocation::from_path(&base.table("events")).unwrap();
-    rt().block_on(async { sessionizer::source::try_load(&loc).await.unwrap().unwrap() })
+    rt().block_on(async { sessionizer::delta::try_load(&loc).await.unwrap().unwrap() })
 }
 
 #[test]
@@ -33,10 +33,7 @@ fn a_delete_on_the_events_table_stops_the_run_and_writes_nothing() {
         "says how to proceed: {err}"
     );
     assert_eq!(output_versions(&base), before, "no table was written");
-    assert!(
-        !base.table("checkpoint/_sessionizer/lock.json").exists(),
-        "the lock was released"
-    );
+    assert!(base.held_lock().is_none(), "the lock was released");
 
     // Skipping the commit lets the run go on; the delete's rewritten rows are not read.
     let ok = base
@@ -113,7 +110,7 @@ fn a_new_nullable_column_in_the_events_table_keeps_working() {
             ],
         )
         .unwrap();
-        let table = sessionizer::source::try_load(&loc).await.unwrap().unwrap();
+        let table = sessionizer::delta::try_load(&loc).await.unwrap().unwrap();
         table
             .write(vec![batch])
             .with_schema_mode(deltalake::operations::write::SchemaMode::Merge)

@@ -64,6 +64,17 @@ impl Base {
     pub fn version(&self, table: &str) -> Option<u64> {
         version(&self.table(table))
     }
+    /// The newest lock epoch's file, if a run holds it (not released).
+    pub fn held_lock(&self) -> Option<serde_json::Value> {
+        let dir = self.table("checkpoint/_sessionizer/lock");
+        let newest = std::fs::read_dir(dir)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .max()?;
+        let lock: serde_json::Value = serde_json::from_slice(&std::fs::read(newest).ok()?).ok()?;
+        (!lock["released"].as_bool().unwrap_or(false)).then_some(lock)
+    }
     /// Starts `sessionize` in the background, paused for `ms` right after it takes the
     /// checkpoint lock, and returns once the lock file exists.
     pub fn paused_run(&self, ms: u64) -> std::process::Child {
@@ -75,9 +86,8 @@ impl Base {
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        let lock = self.table("checkpoint/_sessionizer/lock.json");
         let start = std::time::Instant::now();
-        while !lock.exists() {
+        while self.held_lock().is_none() {
             assert!(
                 start.elapsed().as_secs() < 30,
                 "the paused run never took the lock"
@@ -127,7 +137,7 @@ fn loc(p: &Path) -> TableLocation {
 /// The table's current Delta version, or `None` if there is no table.
 pub fn version(p: &Path) -> Option<u64> {
     rt().block_on(async {
-        sessionizer::source::try_load(&loc(p))
+        sessionizer::delta::try_load(&loc(p))
             .await
             .unwrap()
             .and_then(|t| t.version())
@@ -165,11 +175,11 @@ fn lines(batches: &[RecordBatch]) -> Vec<String> {
 /// Column names of a table.
 pub fn columns(p: &Path) -> Vec<String> {
     rt().block_on(async {
-        let t = sessionizer::source::try_load(&loc(p))
+        let t = sessionizer::delta::try_load(&loc(p))
             .await
             .unwrap()
             .expect("table exists");
-        sessionizer::source::arrow_schema(&t)
+        sessionizer::delta::arrow_schema(&t)
             .unwrap()
             .fields()
             .iter()
@@ -180,7 +190,7 @@ pub fn columns(p: &Path) -> Vec<String> {
 
 pub fn read(p: &Path) -> Vec<RecordBatch> {
     rt().block_on(async {
-        let Some(t) = sessionizer::source::try_load(&loc(p)).await.unwrap() else {
+        let Some(t) = sessionizer::delta::try_load(&loc(p)).await.unwrap() else {
             return Vec::new();
         };
         let ctx = SessionContext::new();
@@ -195,7 +205,7 @@ pub fn read(p: &Path) -> Vec<RecordBatch> {
 /// Runs a SQL query against one table registered as `t`, returning sorted text rows.
 pub fn sql(p: &Path, query: &str) -> Vec<String> {
     let batches = rt().block_on(async {
-        let t = sessionizer::source::try_load(&loc(p))
+        let t = sessionizer::delta::try_load(&loc(p))
             .await
             .unwrap()
             .expect("table exists");
@@ -214,4 +224,18 @@ pub fn output_versions(base: &Base) -> [Option<u64>; 3] {
         base.version("live_sessions"),
         base.version("checkpoint/state"),
     ]
+}
+
+/// Copies a folder tree (a table, a checkpoint) as it is.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
 }

@@ -1,0 +1,793 @@
+//! The one door to Delta: every table access that the source, the sink and the checkpoint
+//! share: open, create, conform to a schema, application-transaction lookups, commit-log
+//! walking, streaming rewrites, vacuum, and the commit itself with its fencing.
+//!
+//! **Fenced commits.** Every commit a run makes carries a [`BatchTag`]: the checkpoint's
+//! application transaction (`txn`, app id of the checkpoint, version = batch sequence number)
+//! and, in `commitInfo`, a [`BatchRecord`] saying which batch it is (source versions, flush)
+//! and which run made it (lock epoch and token). Three things keep a stale run (one frozen
+//! while another took its lock over) from writing:
+//!
+//! 1. Before each commit, the run checks its [`Fence`]: the lock file of the *next* lock epoch
+//!    must not exist. A run that lost its lock stops there with exit 75.
+//! 2. The check and the commit are not atomic, so the commit itself is conditional too. A
+//!    commit is built on the snapshot in which the run checked the txn; if another run
+//!    committed to the table since, Delta's conflict checker sees the same app id in the
+//!    winning commit and fails ours (`ConcurrentTransaction`); the state table's commit is made
+//!    against the exact version the run read, with no retry at all.
+//! 3. A failed commit may still be durable (a post-commit hook failed). It is believed only if
+//!    the commit holding this batch's txn carries *this run's* token; a commit of the batch by
+//!    another run means this run lost the checkpoint: exit 75. Never `txn >= seq`.
+//!
+//! delta-rs does not skip a commit whose txn is already recorded, so callers look the txn up
+//! first ([`recorded_batch`]) on the very table they then write with.
+
+use std::collections::HashSet;
+use std::hash::BuildHasherDefault;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use arrow::array::{ArrayRef, AsArray, BooleanArray, RecordBatch};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Int64Type, Schema, SchemaRef};
+use arrow::row::{RowConverter, SortField};
+use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
+use deltalake::kernel::transaction::CommitProperties;
+use deltalake::kernel::{Action, StructType, Transaction};
+use deltalake::logstore::get_actions;
+use deltalake::protocol::SaveMode;
+use deltalake::{DeltaTable, DeltaTableError, TableProperty};
+use futures::StreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+use parquet::arrow::async_reader::ParquetRecordBatchStreamBuilder;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
+use serde::{Deserialize, Serialize};
+
+// ParquetObjectReader is deprecated upstream in favour of hand-written readers; it is still the
+// simplest correct reader over an object store, so we keep it until the replacement settles.
+#[allow(deprecated)]
+use parquet::arrow::async_reader::ParquetObjectReader;
+
+use crate::config::TableLocation;
+use crate::error::{Error, Result};
+
+/// The `commitInfo` key under which every commit of a batch records its [`BatchRecord`].
+pub const BATCH_KEY: &str = "sessionizerBatch";
+/// App ids of sessionizer checkpoints start with this.
+pub const APP_PREFIX: &str = "sessionizer-";
+/// How many of a table's latest commits the log walks look at.
+const WALK_LIMIT: u64 = 1000;
+
+// ---------------------------------------------------------------------------------------------
+// Opening and creating
+
+/// Loads the Delta table at `loc` at its latest version, or `None` when there is none.
+///
+/// Existence is checked first (a listing of `_delta_log`), because loading a missing table
+/// surfaces as assorted kernel errors rather than one "not found".
+pub async fn try_load(loc: &TableLocation) -> Result<Option<DeltaTable>> {
+    if let Some(p) = loc.local_path() {
+        let log = p.join("_delta_log");
+        let has_commits = std::fs::read_dir(&log)
+            .map(|mut d| {
+                d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".json")))
+            })
+            .unwrap_or(false);
+        if !has_commits {
+            return Ok(None);
+        }
+    } else {
+        let t = loc.builder()?.build()?;
+        if !t.verify_deltatable_existence().await? {
+            return Ok(None);
+        }
+    }
+    match loc.builder()?.load().await {
+        Ok(t) => Ok(Some(t)),
+        Err(DeltaTableError::NotATable(_)) | Err(DeltaTableError::InvalidTableLocation(_)) => {
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Opens an existing Delta table, turning "not there" into a usage error naming the flag.
+pub async fn open_existing(loc: &TableLocation, flag: &str, fix: &str) -> Result<DeltaTable> {
+    try_load(loc).await?.ok_or_else(|| {
+        Error::usage(format!(
+            "{flag} `{loc}` is not a Delta table (there is no _delta_log with commits there); {fix}"
+        ))
+    })
+}
+
+async fn load(loc: &TableLocation) -> Result<DeltaTable> {
+    Ok(loc.builder()?.load().await?)
+}
+
+/// The table's schema as Arrow.
+pub fn arrow_schema(table: &DeltaTable) -> Result<SchemaRef> {
+    Ok(table.snapshot()?.snapshot().arrow_schema())
+}
+
+/// Creates a Delta table with this Arrow schema (optionally `delta.appendOnly = true`).
+pub async fn create_table(
+    loc: &TableLocation,
+    schema: &Schema,
+    append_only: bool,
+) -> Result<DeltaTable> {
+    if let Some(p) = loc.local_path() {
+        std::fs::create_dir_all(&p)?;
+    }
+    let kernel: StructType = schema.try_into_kernel()?;
+    let table = loc.builder()?.build()?;
+    let mut create = table.create().with_columns(kernel.fields().cloned());
+    if append_only {
+        create = create.with_configuration_property(TableProperty::AppendOnly, Some("true"));
+    }
+    match create.await {
+        Ok(t) => Ok(t),
+        // Another writer created it between our look and our create: use theirs.
+        Err(e) if e.to_string().contains("already exists") => load(loc).await,
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Opens an output table, creating it on first use; refuses one whose columns do not fit.
+pub async fn open_or_create(
+    loc: &TableLocation,
+    schema: &Schema,
+    append_only: bool,
+    flag: &str,
+) -> Result<DeltaTable> {
+    let Some(table) = try_load(loc).await? else {
+        return create_table(loc, schema, append_only).await;
+    };
+    check_schema(&table, schema, loc, flag)?;
+    Ok(table)
+}
+
+/// Every column we write must exist in the table with the same type.
+pub fn check_schema(
+    table: &DeltaTable,
+    want: &Schema,
+    loc: &TableLocation,
+    flag: &str,
+) -> Result<()> {
+    let have = table.snapshot()?.snapshot().arrow_schema();
+    let describe = |s: &Schema| {
+        s.fields()
+            .iter()
+            .map(|f| format!("{} {}", f.name(), f.data_type()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for f in want.fields() {
+        let ok = have
+            .field_with_name(f.name())
+            .map(|h| same_type(h.data_type(), f.data_type()))
+            .unwrap_or(false);
+        if !ok {
+            return Err(Error::usage(format!(
+                "{flag} `{loc}` already holds a table whose columns do not fit this run: column \
+                 `{}` {} is needed, the table has [{}]. Point {flag} at a new location, or run \
+                 with the settings (--key, --collect, --sum) that made this table",
+                f.name(),
+                f.data_type(),
+                describe(&have)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Type equality that ignores nullability, list item names, and string/view encodings.
+fn same_type(a: &DataType, b: &DataType) -> bool {
+    use DataType::*;
+    match (a, b) {
+        (Utf8 | LargeUtf8 | Utf8View, Utf8 | LargeUtf8 | Utf8View) => true,
+        (List(x) | LargeList(x), List(y) | LargeList(y)) => same_type(x.data_type(), y.data_type()),
+        (Struct(x), Struct(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .zip(y.iter())
+                    .all(|(p, q)| p.name() == q.name() && same_type(p.data_type(), q.data_type()))
+        }
+        (Timestamp(u, _), Timestamp(v, _)) => u == v,
+        _ => a == b,
+    }
+}
+
+/// Casts a batch read back from Delta (view types, UTC timestamps) to the expected schema.
+pub fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
+    let mut cols = Vec::with_capacity(schema.fields().len());
+    for f in schema.fields() {
+        let c = batch
+            .column_by_name(f.name())
+            .ok_or_else(|| Error::Checkpoint(format!("column `{}` is missing", f.name())))?;
+        cols.push(if c.data_type() == f.data_type() {
+            c.clone()
+        } else {
+            cast(c, f.data_type())?
+        });
+    }
+    Ok(RecordBatch::try_new(schema.clone(), cols)?)
+}
+
+/// Opens a Parquet data file of `size` bytes on an object store for streaming reads.
+#[allow(deprecated)]
+pub async fn open_parquet(
+    store: Arc<dyn ObjectStore>,
+    path: Path,
+    size: u64,
+) -> parquet::errors::Result<ParquetRecordBatchStreamBuilder<ParquetObjectReader>> {
+    let reader = ParquetObjectReader::new(store, path).with_file_size(size);
+    ParquetRecordBatchStreamBuilder::new(reader).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// The commit log
+
+/// The actions of commit `version`, or `None` when log clean-up removed it.
+pub async fn commit_actions(table: &DeltaTable, version: u64) -> Result<Option<Vec<Action>>> {
+    match table.log_store().read_commit_entry(version).await? {
+        Some(bytes) => Ok(Some(get_actions(version, &bytes)?)),
+        None => Ok(None),
+    }
+}
+
+/// The value of `key` in the `commitInfo` of these actions.
+pub fn commit_info_value<'a>(actions: &'a [Action], key: &str) -> Option<&'a serde_json::Value> {
+    actions.iter().find_map(|a| match a {
+        Action::CommitInfo(ci) => ci.info.get(key),
+        _ => None,
+    })
+}
+
+/// The txn version this app last recorded on the table.
+pub async fn txn_version(table: &DeltaTable, app_id: &str) -> Result<Option<i64>> {
+    Ok(table
+        .snapshot()?
+        .transaction_version(table.log_store().as_ref(), app_id)
+        .await?)
+}
+
+/// What a table says about batch `seq` of one checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recorded {
+    /// The table holds no commit of that batch (its txn is below `seq`, or absent).
+    No,
+    /// The table holds that batch; its record, when the commit carries one (commits of
+    /// releases before records carry none).
+    Batch(Option<BatchRecord>),
+    /// The table holds a later batch of the checkpoint: `txn` is beyond `seq`.
+    Beyond(i64),
+}
+
+/// Looks batch `seq` of `app_id` up in the table: the txn first, then, when it is there, the
+/// commit that recorded it (walking back from the latest commit; it is nearly always among the
+/// last few).
+pub async fn recorded_batch(table: &DeltaTable, app_id: &str, seq: i64) -> Result<Recorded> {
+    let txn = txn_version(table, app_id).await?;
+    match txn {
+        None => return Ok(Recorded::No),
+        Some(t) if t < seq => return Ok(Recorded::No),
+        Some(t) if t > seq => return Ok(Recorded::Beyond(t)),
+        Some(_) => {}
+    }
+    let latest = table.version().unwrap_or(0).max(0) as u64;
+    for v in (latest.saturating_sub(WALK_LIMIT)..=latest).rev() {
+        let Some(actions) = commit_actions(table, v).await? else {
+            break;
+        };
+        let ours = actions
+            .iter()
+            .any(|a| matches!(a, Action::Txn(t) if t.app_id == app_id && t.version == seq));
+        if ours {
+            let record = commit_info_value(&actions, BATCH_KEY)
+                .and_then(|v| serde_json::from_value(v.clone()).ok());
+            return Ok(Recorded::Batch(record));
+        }
+    }
+    Ok(Recorded::Batch(None))
+}
+
+/// Sessionizer checkpoints (app ids) other than `own` that committed to this table, among its
+/// latest commits, with the latest batch and table version of each.
+pub async fn other_checkpoints(table: &DeltaTable, own: &str) -> Result<Vec<(String, i64, u64)>> {
+    let mut found: Vec<(String, i64, u64)> = Vec::new();
+    let latest = table.version().unwrap_or(0).max(0) as u64;
+    for v in (latest.saturating_sub(WALK_LIMIT)..=latest).rev() {
+        let Some(actions) = commit_actions(table, v).await? else {
+            break;
+        };
+        for a in &actions {
+            if let Action::Txn(t) = a
+                && t.app_id.starts_with(APP_PREFIX)
+                && t.app_id != own
+                && !found.iter().any(|(id, _, _)| id == &t.app_id)
+            {
+                found.push((t.app_id.clone(), t.version, v));
+            }
+        }
+    }
+    Ok(found)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fenced commits
+
+/// Which batch a commit belongs to and which run made it; stored in the commit's `commitInfo`
+/// under [`BATCH_KEY`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchRecord {
+    pub seq: i64,
+    /// Inclusive range of events versions; `None` for a flush-only batch.
+    pub versions: Option<(u64, u64)>,
+    pub flush: bool,
+    /// The lock epoch of the run that made the commit.
+    pub epoch: u64,
+    /// The lock token of that run.
+    pub run: String,
+}
+
+impl BatchRecord {
+    /// Whether two records describe the same batch (whichever run committed it).
+    pub fn same_batch(&self, other: &BatchRecord) -> bool {
+        self.seq == other.seq && self.versions == other.versions && self.flush == other.flush
+    }
+}
+
+/// The proof of ownership that a run re-checks before every commit: the lock file of the next
+/// lock epoch must not exist (a run that takes the lock over creates it first).
+#[derive(Debug, Clone)]
+pub struct Fence {
+    store: Arc<dyn ObjectStore>,
+    successor: Path,
+    /// What the lock is, for messages: the checkpoint location and this run's epoch.
+    what: String,
+    lost: Arc<AtomicBool>,
+}
+
+impl Fence {
+    pub fn new(store: Arc<dyn ObjectStore>, successor: Path, what: String) -> Self {
+        Self {
+            store,
+            successor,
+            what,
+            lost: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Marks the lock as lost (the heartbeat saw the successor).
+    pub fn set_lost(&self) {
+        self.lost.store(true, Ordering::SeqCst);
+    }
+
+    /// Fails with [`Error::Fenced`] when another run has taken the lock over.
+    pub async fn check(&self) -> Result<()> {
+        if self.lost.load(Ordering::SeqCst) {
+            return Err(self.fenced());
+        }
+        match self.store.head(&self.successor).await {
+            Ok(_) => {
+                self.set_lost();
+                Err(self.fenced())
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn fenced(&self) -> Error {
+        Error::Fenced(format!(
+            "this run lost the lock of {} to another run (its lock expired or was broken while \
+             this process was stopped), so it stops here without writing anything more. The \
+             run that took over carries on; nothing needs fixing. If this happens often, look \
+             for what froze this process, or give runs more time between ticks",
+            self.what
+        ))
+    }
+}
+
+/// Everything a batch's commit must carry: the checkpoint's txn, the record, the fence.
+#[derive(Debug, Clone)]
+pub struct BatchTag {
+    pub app_id: String,
+    pub record: BatchRecord,
+    pub fence: Fence,
+}
+
+impl BatchTag {
+    pub fn seq(&self) -> i64 {
+        self.record.seq
+    }
+
+    fn properties(
+        &self,
+        extra: Option<(&str, serde_json::Value)>,
+        exact: bool,
+    ) -> CommitProperties {
+        let mut meta = vec![(
+            BATCH_KEY.to_string(),
+            serde_json::to_value(&self.record).expect("serializable"),
+        )];
+        if let Some((k, v)) = extra {
+            meta.push((k.to_string(), v));
+        }
+        let props = CommitProperties::default()
+            .with_metadata(meta)
+            .with_application_transaction(Transaction::new(&self.app_id, self.seq()));
+        if exact {
+            props.with_max_retries(0)
+        } else {
+            props
+        }
+    }
+}
+
+/// Commits `actions` as `operation` with the batch's tag (and `extra` commit metadata), then
+/// brings the table up to that commit. With `exact`, the commit must land right after the
+/// version the table was read at. See the module header for how it is fenced.
+pub async fn commit(
+    table: DeltaTable,
+    loc: &TableLocation,
+    actions: Vec<Action>,
+    operation: deltalake::protocol::DeltaOperation,
+    tag: &BatchTag,
+    extra: Option<(&str, serde_json::Value)>,
+    exact: bool,
+) -> Result<DeltaTable> {
+    use deltalake::kernel::transaction::CommitBuilder;
+    tag.fence.check().await?;
+    crate::failpoint::pause("pause-before-commit").await;
+    let props = tag.properties(extra, exact);
+    let committed: std::result::Result<DeltaTable, DeltaTableError> = async {
+        let committed = CommitBuilder::from(props)
+            .with_actions(actions)
+            .build(Some(table.snapshot()?), table.log_store(), operation)
+            .await?;
+        // Replays just the commit made here onto the table's snapshot.
+        let mut table = table;
+        table.update_incremental(Some(committed.version())).await?;
+        Ok(table)
+    }
+    .await;
+    let error = match committed {
+        Ok(t) => return Ok(t),
+        Err(e) => e,
+    };
+    // The commit may be durable even so (a post-commit hook failed), or another run may have
+    // committed this batch, or something else since the table was read.
+    let table = load(loc).await?;
+    match recorded_batch(&table, &tag.app_id, tag.seq()).await? {
+        Recorded::Batch(Some(r)) if r.run == tag.record.run => {
+            tracing::warn!("commit to {loc} reported `{error}` but is durable; continuing");
+            Ok(table)
+        }
+        Recorded::Batch(_) | Recorded::Beyond(_) => {
+            tag.fence.set_lost();
+            Err(Error::Fenced(format!(
+                "another run committed batch {} (or a later one) of this checkpoint to `{loc}` \
+                 while this run was writing it: this run lost the checkpoint and stops without \
+                 writing anything more ({error})",
+                tag.seq()
+            )))
+        }
+        Recorded::No => {
+            tag.fence.check().await?;
+            Err(error.into())
+        }
+    }
+}
+
+/// Commits the written files of a batch in one append commit. Returns whether it committed
+/// (no files, no commit).
+pub async fn commit_files(
+    table: DeltaTable,
+    loc: &TableLocation,
+    adds: Vec<deltalake::kernel::Add>,
+    tag: &BatchTag,
+) -> Result<(DeltaTable, bool)> {
+    use deltalake::protocol::DeltaOperation;
+    if adds.is_empty() {
+        return Ok((table, false));
+    }
+    let operation = DeltaOperation::Write {
+        mode: SaveMode::Append,
+        partition_by: None,
+        predicate: None,
+    };
+    let actions = adds.into_iter().map(Action::Add).collect();
+    let table = commit(table, loc, actions, operation, tag, None, false).await?;
+    Ok((table, true))
+}
+
+/// Deletes files replaced more than `retention` ago (Delta VACUUM), recording `meta` in the
+/// VACUUM's commits.
+pub async fn vacuum(
+    table: DeltaTable,
+    retention: chrono::Duration,
+    meta: Vec<(String, serde_json::Value)>,
+) -> Result<(DeltaTable, usize)> {
+    let (table, metrics) = table
+        .vacuum()
+        .with_retention_period(retention)
+        .with_enforce_retention_duration(false)
+        .with_commit_properties(CommitProperties::default().with_metadata(meta))
+        .await?;
+    Ok((table, metrics.files_deleted.len()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writing files
+
+/// Rows per row group of appended files. A writer holds its open row group encoded in memory
+/// until it is full, so this bounds each writer's memory (about 25 MiB of sessions).
+const APPEND_ROW_GROUP_ROWS: usize = 256 * 1024;
+
+/// Parquet settings for appends: Snappy as delta-rs does by default, no dictionary for
+/// integer and timestamp columns (their values are nearly all distinct, so a dictionary is
+/// built and then abandoned), and neither dictionary nor compression for the session id, a
+/// random hex string that neither can shrink.
+pub fn append_writer_properties(schema: &Schema) -> WriterProperties {
+    let mut b = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_max_row_group_row_count(Some(APPEND_ROW_GROUP_ROWS));
+    if let Ok(descr) = parquet::arrow::ArrowSchemaConverter::new().convert(schema) {
+        for col in descr.columns() {
+            if matches!(
+                col.physical_type(),
+                parquet::basic::Type::INT64 | parquet::basic::Type::INT32
+            ) {
+                b = b.set_column_dictionary_enabled(col.path().clone(), false);
+            }
+        }
+    }
+    for id in ["session_id", "session_uid"] {
+        b = b
+            .set_column_dictionary_enabled(ColumnPath::from(id), false)
+            .set_column_compression(ColumnPath::from(id), Compression::UNCOMPRESSED);
+    }
+    b.build()
+}
+
+/// Parquet files for one append, written from any thread and streamed to the store as they
+/// are encoded. Nothing is visible until [`commit_files`] commits the files' Add actions
+/// together with the batch's txn; files of a run that dies first are never referenced.
+pub struct FileWriter {
+    inner: deltalake::writer::RecordBatchWriter,
+    rows: usize,
+}
+
+impl FileWriter {
+    pub fn new(table: &DeltaTable, props: &WriterProperties) -> Result<Self> {
+        Ok(Self {
+            inner: deltalake::writer::RecordBatchWriter::for_table(table)?
+                .with_writer_properties(props.clone()),
+            rows: 0,
+        })
+    }
+
+    pub async fn write(&mut self, batch: RecordBatch) -> Result<()> {
+        use deltalake::writer::DeltaWriter;
+        if batch.num_rows() > 0 {
+            self.rows += batch.num_rows();
+            self.inner.write(batch).await?;
+        }
+        Ok(())
+    }
+
+    /// Closes the files and returns their Add actions.
+    pub async fn finish(mut self) -> Result<Vec<deltalake::kernel::Add>> {
+        use deltalake::writer::DeltaWriter;
+        if self.rows == 0 {
+            return Ok(Vec::new());
+        }
+        Ok(self.inner.flush().await?)
+    }
+
+    /// [`FileWriter::write`] from a thread outside the async runtime (an engine thread).
+    pub fn write_blocking(
+        &mut self,
+        rt: &tokio::runtime::Handle,
+        batch: RecordBatch,
+    ) -> Result<()> {
+        rt.block_on(self.write(batch))
+    }
+}
+
+type FastHash = BuildHasherDefault<twox_hash::XxHash64>;
+
+/// The keys of the rows being upserted, to find the old rows they replace.
+enum KeyMatch {
+    /// One integer key column that fits in an `i64` (the common case): the values themselves.
+    Int(HashSet<i64, FastHash>),
+    /// Any other key: row-encoded bytes.
+    Rows(RowConverter, HashSet<Box<[u8]>, FastHash>),
+}
+
+impl KeyMatch {
+    fn new(cols: &[ArrayRef]) -> Result<Self> {
+        use DataType::*;
+        // Every value of these types is an Int64 (UInt64 is not: it takes the general path).
+        if let [one] = cols
+            && matches!(
+                one.data_type(),
+                Int8 | Int16 | Int32 | Int64 | UInt8 | UInt16 | UInt32
+            )
+        {
+            let v = arrow::compute::cast(one, &DataType::Int64)?;
+            return Ok(Self::Int(
+                v.as_primitive::<Int64Type>().iter().flatten().collect(),
+            ));
+        }
+        let fields = cols
+            .iter()
+            .map(|c| SortField::new(c.data_type().clone()))
+            .collect();
+        let converter = RowConverter::new(fields)?;
+        let rows = converter.convert_columns(cols)?;
+        let set = rows.iter().map(|r| Box::from(r.as_ref())).collect();
+        Ok(Self::Rows(converter, set))
+    }
+
+    /// Which rows of these key columns hold a key that is not being upserted.
+    fn absent(&self, cols: &[ArrayRef]) -> Result<BooleanArray> {
+        Ok(match self {
+            Self::Int(set) => {
+                let v = arrow::compute::cast(&cols[0], &DataType::Int64)?;
+                v.as_primitive::<Int64Type>()
+                    .iter()
+                    .map(|k| Some(k.is_none_or(|k| !set.contains(&k))))
+                    .collect()
+            }
+            Self::Rows(converter, set) => converter
+                .convert_columns(cols)?
+                .iter()
+                .map(|r| Some(!set.contains(r.as_ref())))
+                .collect(),
+        })
+    }
+}
+
+/// Refuses a table that [`rewrite`] cannot carry rows of: one with deletion vectors (written by
+/// another engine), whose files hold rows that are deleted. Checked when the table is opened,
+/// before a run writes anything.
+pub fn check_rewritable(table: &DeltaTable, loc: &TableLocation, flag: &str) -> Result<()> {
+    let files = table.snapshot()?.log_data();
+    if files
+        .iter()
+        .any(|f| f.deletion_vector_descriptor().is_some())
+    {
+        return Err(Error::usage(format!(
+            "{flag} `{loc}` has deletion vectors (another engine wrote them); sessionizer \
+             rewrites its files whole and cannot honour them. Purge them first (Spark: REORG \
+             TABLE ... APPLY (PURGE)) or point {flag} at a new location"
+        )));
+    }
+    Ok(())
+}
+
+/// One writer's share of a [`rewrite`]: slices of the new rows, then old files to filter.
+#[derive(Default)]
+struct Share {
+    new: Vec<RecordBatch>,
+    old: Vec<(object_store::path::Path, u64)>,
+}
+
+/// Replaces the table's rows in one commit: removes every current file and adds files holding
+/// `rows` plus, with `keep_other_keys`, the old rows whose key (on those columns) is not among
+/// `rows`. The commit is recorded as `operation` and made as `commit_as` says.
+///
+/// It is written as a stream: each old file is read batch by batch and filtered straight into
+/// a writer, so memory follows a file batch, not the table. The work is shared by one writer
+/// per core at most, so a rewrite leaves at most that many files whatever it started from.
+/// (delta-rs's MERGE joins the source with the table in memory, and its overwrite encodes on
+/// one thread.)
+pub async fn rewrite(
+    table: DeltaTable,
+    loc: &TableLocation,
+    rows: RecordBatch,
+    keep_other_keys: Option<&[String]>,
+    operation: deltalake::protocol::DeltaOperation,
+    commit_as: Rewrite<'_>,
+) -> Result<DeltaTable> {
+    let files: Vec<_> = table.snapshot()?.log_data().iter().collect();
+    let mut actions: Vec<Action> = files
+        .iter()
+        .map(|f| Action::Remove(f.remove_action(true)))
+        .collect();
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let mut shares: Vec<Share> = (0..cores).map(|_| Share::default()).collect();
+    // The new rows, in up to one slice per core of at least 250,000 rows.
+    let n = rows.num_rows();
+    let chunk = n.div_ceil((n / 250_000).clamp(1, cores)).max(1);
+    for (i, start) in (0..n).step_by(chunk).enumerate() {
+        shares[i % cores]
+            .new
+            .push(rows.slice(start, chunk.min(n - start)));
+    }
+    // The old files whose other keys are carried over, spread over the writers.
+    let mut matcher = None;
+    if let Some(keys) = keep_other_keys.filter(|_| !files.is_empty()) {
+        check_rewritable(&table, loc, "the table")?;
+        matcher = Some(Arc::new(KeyMatch::new(&key_columns(&rows, keys)?)?));
+        for (i, f) in files.iter().enumerate() {
+            let share = &mut shares[(i + n.div_ceil(chunk)) % cores];
+            share.old.push((f.object_store_path(), f.size() as u64));
+        }
+    }
+
+    // Old files are read as the table's schema says (files written by other writers may hold
+    // strings as views, say), so that every batch a writer gets has the same types.
+    let schema = table.snapshot()?.snapshot().arrow_schema();
+    let wp = append_writer_properties(&schema);
+    let store = table.object_store();
+    let keys = keep_other_keys.unwrap_or_default().to_vec();
+    let mut tasks = tokio::task::JoinSet::new();
+    for share in shares
+        .into_iter()
+        .filter(|s| !s.new.is_empty() || !s.old.is_empty())
+    {
+        let (store, schema, keys, matcher) =
+            (store.clone(), schema.clone(), keys.clone(), matcher.clone());
+        let mut writer = FileWriter::new(&table, &wp)?;
+        tasks.spawn(async move {
+            for slice in share.new {
+                writer.write(slice).await?;
+            }
+            for (path, size) in share.old {
+                let matcher = matcher.as_ref().expect("built when old files are carried");
+                let mut stream = open_parquet(store.clone(), path, size)
+                    .await?
+                    .with_batch_size(64 * 1024)
+                    .build()?;
+                while let Some(batch) = stream.next().await {
+                    let batch = conform(&batch?, &schema)?;
+                    let keep = matcher.absent(&key_columns(&batch, &keys)?)?;
+                    writer
+                        .write(arrow::compute::filter_record_batch(&batch, &keep)?)
+                        .await?;
+                }
+            }
+            writer.finish().await
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        // A panic in a writer task is a bug: let it end the run as one (exit 101).
+        let adds = done.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
+        actions.extend(adds.into_iter().map(Action::Add));
+    }
+    commit(
+        table,
+        loc,
+        actions,
+        operation,
+        commit_as.tag,
+        commit_as.extra,
+        commit_as.exact,
+    )
+    .await
+}
+
+/// How a [`rewrite`] commits: the batch's tag, extra `commitInfo` metadata, and whether it
+/// must land right after the version read.
+pub struct Rewrite<'a> {
+    pub tag: &'a BatchTag,
+    pub extra: Option<(&'a str, serde_json::Value)>,
+    pub exact: bool,
+}
+
+/// The key columns of a batch (they are in every batch the live schema describes).
+fn key_columns(batch: &RecordBatch, keys: &[String]) -> Result<Vec<ArrayRef>> {
+    keys.iter()
+        .map(|k| {
+            batch.column_by_name(k).cloned().ok_or_else(|| {
+                Error::Checkpoint(format!("a live row batch has no key column `{k}`"))
+            })
+        })
+        .collect()
+}
