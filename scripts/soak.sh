@@ -326,7 +326,7 @@ while read -r round kind commits maxf permille fp nconc takeover_maxf; do
         learn_duration
         kill -CONT "$a_pid" 2>/dev/null
         finish_run "$a_pid" "$a_tag"
-        line+=" SIGSTOP at $delay ms (lock held by $([ "$holder" = "$a_pid" ] && echo it || echo "$holder"));"
+        line+=" SIGSTOP at $delay ms (lock held by $([ "$holder" = "$a_pid" ] && echo it || echo "$([ "$holder" = none ] && echo nobody || echo "pid $holder"), not by it"));"
         line+="$blocked --break-lock run exit $b_code ($b_batches batches); first run woke, exit $CODE"
         if [ "$holder" = "$a_pid" ] && [ "$b_code" = 0 ] && [ "$b_batches" != "-" ] && [ "$b_batches" -gt 0 ]; then
             STALE_TOTAL=$((STALE_TOTAL + 1))

@@ -634,13 +634,12 @@ impl LockGuard {
         &self.info.token
     }
 
-    /// Releases the lock if it is still ours (marks its epoch's file released).
+    /// Releases the lock (marks its epoch's file released). A run whose lock was taken over
+    /// meanwhile leaves it and fails with [`Error::Fenced`] (exit 75), even if it had nothing
+    /// left to write: it was not the run that owned the checkpoint.
     pub async fn release(self) -> Result<()> {
         self.heartbeat.abort();
-        if self.fence.check().await.is_err() {
-            tracing::warn!("the lock was taken over by another run; leaving it");
-            return Ok(());
-        }
+        self.fence.check().await?;
         let mut info = self.info;
         info.released = true;
         put_json(

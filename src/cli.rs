@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::collections::BTreeMap;
 
 use crate::config::{
-    ByteSize, Collect, Dur, Mode, OnChangeCommit, OutputFormat, TableLocation, Tables,
+    ByteSize, Collect, Dur, Mode, OnChangeCommit, OutputFormat, Skew, TableLocation, Tables,
     parse_storage_option,
 };
 
@@ -179,6 +179,10 @@ pub struct SessionizeArgs {
     /// Pairs mode: an open start with no end after this long is reported missing_end.
     #[arg(long, env = "SESSIONIZER_PAIR_TIMEOUT", default_value = "1h")]
     pub pair_timeout: Dur,
+    /// Events more than this after the commit that added them are invalid (reason `future`)
+    /// and never move the watermark; `none` turns the guard off.
+    #[arg(long, env = "SESSIONIZER_MAX_EVENT_SKEW", default_value = "1d")]
+    pub max_event_skew: Skew,
     /// Close every pending session now (end of a backfill, end of a day).
     #[arg(long, env = "SESSIONIZER_FLUSH")]
     pub flush: bool,

@@ -86,6 +86,36 @@ impl fmt::Display for Dur {
     }
 }
 
+/// How far after the commit that added it an event may be (SPEC rule 11): a duration, or
+/// `none` for no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Skew(pub Option<Dur>);
+
+impl FromStr for Skew {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.trim().eq_ignore_ascii_case("none") {
+            return Ok(Self(None));
+        }
+        let d: Dur = s.parse()?;
+        if d.as_micros() < 0 {
+            return Err(format!(
+                "`{s}` is negative; give a duration like 1d, or none"
+            ));
+        }
+        Ok(Self(Some(d)))
+    }
+}
+
+impl fmt::Display for Skew {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(d) => write!(f, "{d}"),
+            None => write!(f, "none"),
+        }
+    }
+}
+
 /// A size in bytes, written `4096`, `64KiB`, `512MiB`, `1GiB` (or `KB`/`MB`/`GB`, decimal).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ByteSize(pub u64);
@@ -318,6 +348,7 @@ pub struct Settings {
     pub end_when: Option<String>,
     pub max_duration: Option<Dur>,
     pub pair_timeout: Dur,
+    pub max_event_skew: Skew,
     pub flush: bool,
     pub output: OutputFormat,
     pub on_change_commit: OnChangeCommit,

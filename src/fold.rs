@@ -200,6 +200,24 @@ pub async fn fold_buckets(
     Ok(folded)
 }
 
+/// Adds the rows the reader's event-time guard took out (`future`, `bad_time`) to a folded
+/// batch: they are read and invalid, and join the late rows in read order.
+pub fn add_read_rejects(folded: &mut Folded, rejects: Vec<RecordBatch>) -> Result<()> {
+    let n: u64 = rejects.iter().map(|b| b.num_rows() as u64).sum();
+    if n == 0 {
+        return Ok(());
+    }
+    folded.metrics.rows_read += n;
+    folded.metrics.rows_invalid += n;
+    let schema = folded.rejected.schema();
+    let all = concat_batches(
+        &schema,
+        std::iter::once(&folded.rejected).chain(rejects.iter()),
+    )?;
+    folded.rejected = in_read_order(all)?;
+    Ok(())
+}
+
 /// Rows back in (version, file, row) order.
 fn in_read_order(batch: RecordBatch) -> Result<RecordBatch> {
     if batch.num_rows() < 2 {

@@ -29,7 +29,7 @@ use object_store::path::Path;
 use parquet::arrow::ProjectionMask;
 
 use crate::config::{ByteSize, OnChangeCommit, TableLocation};
-use crate::engine::{EventSpec, FilePiece, Markers, TIME_COL, normalize, split_by_key};
+use crate::engine::{EventSpec, FilePiece, Markers, TIME_COL, normalize, screen, split_by_key};
 use crate::error::{Error, Result};
 
 /// Opens the events table at its latest version, or explains why it is not one.
@@ -49,6 +49,8 @@ pub struct DataFile {
     pub path: String,
     pub size: u64,
     pub partition_values: HashMap<String, Option<String>>,
+    /// The add action's `modificationTime` (milliseconds).
+    pub modified_ms: i64,
 }
 
 /// What one source commit brings to a batch.
@@ -59,6 +61,10 @@ pub struct VersionFiles {
     pub files: Vec<DataFile>,
     /// Why the commit contributes nothing, when it does not.
     pub skipped: Option<String>,
+    /// When the commit was made (milliseconds since the epoch): its `commitInfo.timestamp`,
+    /// else the latest modification time of the files it added. From the log, so the same on
+    /// every replay; the event-time guard measures event times against it.
+    pub committed_ms: Option<i64>,
 }
 
 /// Reads and classifies one commit of the events table.
@@ -80,9 +86,11 @@ pub async fn read_version(
     let mut files = Vec::new();
     let mut removes = 0usize;
     let mut operation = String::from("unknown operation");
+    let mut commit_ts: Option<i64> = None;
     for a in actions {
         match a {
             Action::Add(add) if add.data_change => files.push(DataFile {
+                modified_ms: add.modification_time,
                 path: add.path,
                 size: add.size.max(0) as u64,
                 partition_values: add.partition_values,
@@ -92,6 +100,7 @@ pub async fn read_version(
                 if let Some(op) = ci.operation {
                     operation = op;
                 }
+                commit_ts = ci.in_commit_timestamp.or(ci.timestamp);
             }
             _ => {}
         }
@@ -108,6 +117,7 @@ pub async fn read_version(
             OnChangeCommit::Skip => Ok(VersionFiles {
                 version,
                 files: Vec::new(),
+                committed_ms: commit_ts,
                 skipped: Some(format!(
                     "{operation} removes data; skipped (--on-change-commit skip)"
                 )),
@@ -118,10 +128,12 @@ pub async fn read_version(
         .is_empty()
         .then(|| format!("{operation} adds no data"));
     files.sort_by(|a, b| a.path.cmp(&b.path));
+    let committed_ms = commit_ts.or_else(|| files.iter().map(|f| f.modified_ms).max());
     Ok(VersionFiles {
         version,
         files,
         skipped,
+        committed_ms,
     })
 }
 
@@ -350,35 +362,47 @@ fn bad_predicate(flag: &str, sql: &str, e: impl std::fmt::Display) -> Error {
 #[derive(Debug, Default)]
 pub struct EventParts {
     pub buckets: Vec<Vec<FilePiece>>,
-    /// The latest event time read, in microseconds.
+    /// The latest event time read, in microseconds (of the rows kept).
     pub max_time: Option<i64>,
+    /// Rows the event-time guard took out (`future`, `bad_time`), in the rejected-rows layout.
+    pub rejected: Vec<RecordBatch>,
 }
 
 /// Reads the files the given versions added, one task per file (decoding runs on every core),
 /// and cuts each decoded batch into `buckets` key buckets as it arrives, so the batch is never
 /// held twice.
+///
+/// With `max_skew_us`, an event later than its commit's time plus that skew is taken out as
+/// `future` (SPEC rule 11), and so is a time that cannot be represented (`bad_time`): neither
+/// reaches a session or moves the watermark.
 pub async fn read_events(
     store: Arc<dyn ObjectStore>,
     versions: &[VersionFiles],
     spec: &EventSpec,
     plan: &ReadPlan,
     buckets: usize,
+    max_skew_us: Option<i64>,
 ) -> Result<EventParts> {
     let spec = Arc::new(spec.clone());
     let plan = Arc::new(plan.clone());
-    let jobs: Vec<(u64, i32, DataFile)> = versions
+    let jobs: Vec<(u64, i32, DataFile, Option<i64>)> = versions
         .iter()
         .flat_map(|v| {
+            let latest = max_skew_us.and_then(|skew| {
+                v.committed_ms
+                    .and_then(|ms| ms.checked_mul(1000))
+                    .map(|us| us.saturating_add(skew))
+            });
             v.files
                 .iter()
                 .enumerate()
-                .map(move |(i, f)| (v.version, i as i32, f.clone()))
+                .map(move |(i, f)| (v.version, i as i32, f.clone(), latest))
         })
         .collect();
     let parallel = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
-    let mut files = futures::stream::iter(jobs.into_iter().map(|(v, i, f)| {
+    let mut files = futures::stream::iter(jobs.into_iter().map(|(v, i, f, latest)| {
         let (store, spec, plan) = (store.clone(), spec.clone(), plan.clone());
-        tokio::spawn(async move { read_file(store, v, i, &f, &spec, &plan, buckets).await })
+        tokio::spawn(async move { read_file(store, v, i, &f, &spec, &plan, buckets, latest).await })
     }))
     .buffered(parallel);
     let mut parts = EventParts {
@@ -389,6 +413,7 @@ pub async fn read_events(
     while let Some(file) = files.next().await {
         let file = file.map_err(|e| Error::Source(format!("a file reader task failed: {e}")))??;
         parts.max_time = parts.max_time.max(file.max_time);
+        parts.rejected.extend(file.rejected);
         for (bucket, pieces) in parts.buckets.iter_mut().zip(file.buckets) {
             bucket.extend(pieces.into_iter().filter(|p| p.rows.num_rows() > 0));
         }
@@ -396,6 +421,7 @@ pub async fn read_events(
     Ok(parts)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn read_file(
     store: Arc<dyn ObjectStore>,
     version: u64,
@@ -404,6 +430,7 @@ async fn read_file(
     spec: &EventSpec,
     plan: &ReadPlan,
     buckets: usize,
+    latest_us: Option<i64>,
 ) -> Result<EventParts> {
     let path = Path::from_url_path(&file.path).map_err(|e| {
         Error::Source(format!(
@@ -459,8 +486,15 @@ async fn read_file(
         let batch = plan.conform(&batch)?;
         let n = batch.num_rows() as i64;
         let markers = plan.markers(&batch)?;
+        let raw_time_valid = arrow::compute::is_not_null(
+            batch
+                .column_by_name(&spec.time_column)
+                .expect("the projection holds the time column"),
+        )?;
         let normalized = normalize(spec, &batch, version as i64, file_idx, row, markers)?;
         drop(batch);
+        let (normalized, rejected) = screen(normalized, &raw_time_valid, latest_us)?;
+        out.rejected.extend(rejected);
         out.max_time = out.max_time.max(arrow::compute::max(
             normalized
                 .column_by_name(TIME_COL)

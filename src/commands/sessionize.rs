@@ -164,6 +164,7 @@ impl SessionizeArgs {
             end_when: self.end_when.clone(),
             max_duration: self.max_duration,
             pair_timeout: self.pair_timeout,
+            max_event_skew: self.max_event_skew,
             flush: self.flush,
             output: self.output,
             on_change_commit: self.on_change_commit,
@@ -190,7 +191,13 @@ pub async fn command(args: &SessionizeArgs, out: &mut dyn Write) -> Result<()> {
 
 /// The rule settings a checkpoint is bound to, as one comparable string.
 fn rules_fingerprint(s: &Settings) -> String {
-    match s.mode {
+    // The event-time guard decides which events count; its default is left out so that
+    // checkpoints made before it existed still match.
+    let skew = match s.max_event_skew.0 {
+        Some(d) if d.as_micros() == 86_400_000_000 => String::new(),
+        _ => format!("; max-event-skew: {}", s.max_event_skew),
+    };
+    let rules = match s.mode {
         Mode::Sessions => format!(
             "sessions; end-when: {}; max-duration: {}",
             s.end_when.as_deref().unwrap_or("-"),
@@ -202,7 +209,8 @@ fn rules_fingerprint(s: &Settings) -> String {
             s.end_when.as_deref().unwrap_or("-"),
             s.pair_timeout
         ),
-    }
+    };
+    rules + &skew
 }
 
 impl std::ops::AddAssign for Phases {
@@ -718,6 +726,7 @@ impl Batch<'_> {
             spec,
             &self.job.read_plan,
             buckets,
+            self.settings().max_event_skew.0.map(|d| d.as_micros()),
         )
         .await?;
         Ok((open_events, new_events, buckets))
@@ -737,13 +746,14 @@ impl Batch<'_> {
         let engine = &self.job.engine;
         let pending_parts = split_by_key(&open_events, &engine.spec.key_columns, buckets)?;
         drop(open_events);
+        let read_rejects = new_events.rejected;
         let threads = fold::threads(buckets);
         let writers = if done.sessions {
             None
         } else {
             Some(sink::append_writers(&self.outputs.sessions, threads)?)
         };
-        let out = fold::fold_buckets(
+        let mut out = fold::fold_buckets(
             engine,
             pending_parts,
             new_events.buckets,
@@ -754,6 +764,7 @@ impl Batch<'_> {
             threads,
         )
         .await?;
+        fold::add_read_rejects(&mut out, read_rejects)?;
         tracing::debug!(
             buckets,
             threads,

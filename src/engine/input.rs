@@ -9,10 +9,11 @@
 
 use std::sync::Arc;
 
+use arrow::array::AsArray;
 use arrow::array::{
     Array, ArrayRef, BooleanArray, Int32Array, Int64Array, RecordBatch, new_null_array,
 };
-use arrow::compute::{cast, kernels::numeric::mul};
+use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::error::ArrowError;
 
@@ -359,13 +360,107 @@ fn time_micros(spec: &EventSpec, raw: &RecordBatch, version: i64) -> Result<Arra
             cast(&us, &DataType::Int64)
         }
         (TimeKind::EpochMillis, dt) if dt.is_integer() => {
+            // A value beyond what microseconds can hold (microseconds written by mistake into
+            // a milliseconds column, say) becomes null here; [`screen`] then rejects it as
+            // `bad_time`, rather than failing the run.
             let ms = cast(c, &DataType::Int64)?;
-            mul(&ms, &Int64Array::new_scalar(1000))
+            let us: Int64Array = ms
+                .as_primitive::<arrow::datatypes::Int64Type>()
+                .unary_opt(|v| v.checked_mul(1000));
+            Ok(Arc::new(us))
         }
         (_, dt) => Err(ArrowError::SchemaError(format!(
             "the time column `{}` changed type to {dt} in version {version}; start a new \
              checkpoint with --starting-version {version}",
             spec.time_column
         ))),
+    }
+}
+
+/// The event-time guard (SPEC rule 11) over one normalized batch, whose raw time column had
+/// `raw_time_valid` as validity: rows whose time could not be represented in microseconds
+/// (`bad_time`) and, with `latest_us`, rows later than it (`future`: more than the allowed
+/// skew after the commit that added them) are taken out. Returns the rows kept, and the rows
+/// taken out in the rejected-rows layout (normalized columns plus `reason`), if any.
+pub fn screen(
+    normalized: RecordBatch,
+    raw_time_valid: &BooleanArray,
+    latest_us: Option<i64>,
+) -> Result<(RecordBatch, Option<RecordBatch>), ArrowError> {
+    let times = normalized
+        .column_by_name(TIME_COL)
+        .expect("normalized time column")
+        .as_primitive::<arrow::datatypes::Int64Type>();
+    let n = normalized.num_rows();
+    let reasons: Vec<Option<&'static str>> = (0..n)
+        .map(|i| {
+            if times.is_null(i) {
+                raw_time_valid.value(i).then_some(super::REASON_BAD_TIME)
+            } else {
+                latest_us
+                    .filter(|&l| times.value(i) > l)
+                    .map(|_| super::REASON_FUTURE)
+            }
+        })
+        .collect();
+    if reasons.iter().all(Option::is_none) {
+        return Ok((normalized, None));
+    }
+    let out = BooleanArray::from_iter(reasons.iter().map(|r| Some(r.is_some())));
+    let keep = arrow::compute::not(&out)?;
+    let rejected = arrow::compute::filter_record_batch(&normalized, &out)?;
+    let reason = arrow::array::StringArray::from_iter_values(reasons.iter().flatten());
+    let mut fields: Vec<Arc<Field>> = rejected.schema().fields().iter().cloned().collect();
+    fields.push(field("reason", DataType::Utf8, true));
+    let mut cols = rejected.columns().to_vec();
+    cols.push(Arc::new(reason));
+    let rejected = RecordBatch::try_new(schema_of(fields), cols)?;
+    Ok((
+        arrow::compute::filter_record_batch(&normalized, &keep)?,
+        Some(rejected),
+    ))
+}
+
+#[cfg(test)]
+mod screen_tests {
+    use super::*;
+
+    fn times(v: &[Option<i64>]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new(
+            TIME_COL,
+            DataType::Int64,
+            true,
+        )]));
+        RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(v.to_vec()))]).unwrap()
+    }
+
+    #[test]
+    fn the_guard_takes_out_future_and_unrepresentable_times_wherever_they_are() {
+        // A null that was a value in the raw column is a bad time; a raw null stays for the
+        // engine (null_time).
+        let batch = times(&[Some(50), Some(10), None, None, Some(200)]);
+        let raw_valid = BooleanArray::from(vec![true, true, true, false, true]);
+        let (kept, out) = screen(batch, &raw_valid, Some(100)).unwrap();
+        let out = out.unwrap();
+        let reasons = out.column_by_name("reason").unwrap().as_string::<i32>();
+        let reasons: Vec<&str> = reasons.iter().flatten().collect();
+        assert_eq!(reasons, vec!["bad_time", "future"]);
+        assert_eq!(kept.num_rows(), 3);
+        // The first row alone, and no bound at all.
+        let (kept, out) = screen(
+            times(&[Some(101)]),
+            &BooleanArray::from(vec![true]),
+            Some(100),
+        )
+        .unwrap();
+        assert_eq!((kept.num_rows(), out.unwrap().num_rows()), (0, 1));
+        let (kept, out) = screen(
+            times(&[Some(i64::MAX)]),
+            &BooleanArray::from(vec![true]),
+            None,
+        )
+        .unwrap();
+        assert_eq!(kept.num_rows(), 1);
+        assert!(out.is_none());
     }
 }

@@ -20,7 +20,9 @@ mod output;
 mod pairs;
 mod rules;
 
-pub use input::{EventSpec, FilePiece, Markers, SpecError, TimeKind, normalize, sum_input_name};
+pub use input::{
+    EventSpec, FilePiece, Markers, SpecError, TimeKind, normalize, screen, sum_input_name,
+};
 pub use output::{live_schema, rejected_schema, session_id, sessions_schema};
 pub use pairs::PairStatus;
 pub use rules::{CloseReason, SessionRules, SessionSpan};
@@ -47,6 +49,10 @@ pub const START_COL: &str = "_start_marker";
 pub const REASON_LATE: &str = "late";
 pub const REASON_NULL_KEY: &str = "null_key";
 pub const REASON_NULL_TIME: &str = "null_time";
+/// More than `--max-event-skew` after the commit that added it (SPEC rule 11).
+pub const REASON_FUTURE: &str = "future";
+/// A time that cannot be represented (it overflows microseconds since the epoch).
+pub const REASON_BAD_TIME: &str = "bad_time";
 
 /// Counts of one engine step; they feed the run summary.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]

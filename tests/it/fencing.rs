@@ -142,6 +142,23 @@ fn a_run_frozen_between_its_fence_check_and_its_commit_cannot_land_it() {
 }
 
 #[test]
+fn a_run_frozen_before_any_work_whose_lock_was_taken_exits_75_too() {
+    let base = Base::new();
+    history(&base);
+    let frozen = Frozen::start(&base, BATCHED, "pause-after-lock");
+    base.ok(&["sessionize", "--break-lock"]);
+    let after_takeover = output_versions(&base);
+    // Nothing is left for it to do, but it was not the run that owned the checkpoint.
+    let (code, err) = frozen.wake();
+    assert_eq!(code, Some(75), "{err}");
+    assert_eq!(output_versions(&base), after_takeover);
+    assert!(
+        base.held_lock().is_none(),
+        "the lock of the run that took over is released"
+    );
+}
+
+#[test]
 fn lost_pending_state_is_refused_before_anything_is_written() {
     let base = Base::new();
     base.gen_at(T0);

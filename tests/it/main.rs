@@ -10,6 +10,7 @@ mod fencing;
 mod lock;
 mod models;
 mod ops;
+mod real_tables;
 mod s3;
 mod source_commits;
 mod util;
