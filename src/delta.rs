@@ -228,6 +228,96 @@ pub async fn open_parquet(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Table features
+
+/// Reader features the source reads correctly (column mapping by the table's metadata,
+/// timestamps without time zone, v2 checkpoints and their sidecars through delta-rs, vacuum
+/// protection, type widening through casts); deletion vectors are checked per added file
+/// ([`crate::source::read_version`]).
+const READ_FEATURES: &[&str] = &[
+    "columnMapping",
+    "deletionVectors",
+    "timestampNtz",
+    "v2Checkpoint",
+    "vacuumProtocolCheck",
+    "typeWidening",
+    "typeWidening-preview",
+];
+
+/// The table's protocol and metadata as the log states them (their accessors are partly
+/// private in delta-rs; their serialized form is the protocol's own).
+fn protocol_and_metadata(table: &DeltaTable) -> Result<(serde_json::Value, serde_json::Value)> {
+    let snapshot = table.snapshot()?;
+    let protocol = serde_json::to_value(snapshot.protocol()).unwrap_or_default();
+    let metadata = serde_json::to_value(snapshot.metadata()).unwrap_or_default();
+    Ok((protocol, metadata))
+}
+
+/// Refuses (exit 2) a table whose reader features include one this tool does not read
+/// correctly, before anything is read: a reader that ignores a feature misreads rows silently.
+pub fn check_reader_features(table: &DeltaTable, loc: &TableLocation, flag: &str) -> Result<()> {
+    let (protocol, _) = protocol_and_metadata(table)?;
+    let features: Vec<String> = protocol["readerFeatures"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|f| f.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some(f) = features
+        .iter()
+        .find(|f| !READ_FEATURES.contains(&f.as_str()))
+    {
+        return Err(Error::usage(format!(
+            "{flag} `{loc}` uses the Delta reader feature `{f}`, which sessionizer does not read              (it reads: {}). Reading it anyway could give wrong rows, so nothing was read or              written. Rewrite the table without that feature, or point {flag} at a copy that              does not use it",
+            READ_FEATURES.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// How a table with column mapping names its columns in the data files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnMapping {
+    /// `id` mode: data files are matched by Parquet field id first.
+    pub by_id: bool,
+    /// Top-level logical name -> (physical name, field id).
+    pub columns: std::collections::HashMap<String, (String, Option<i64>)>,
+}
+
+/// The table's column mapping (`delta.columnMapping.mode` = `name` or `id`), if any.
+pub fn column_mapping(table: &DeltaTable) -> Result<Option<ColumnMapping>> {
+    let (_, metadata) = protocol_and_metadata(table)?;
+    let mode = metadata["configuration"]["delta.columnMapping.mode"]
+        .as_str()
+        .unwrap_or("none")
+        .to_string();
+    if mode == "none" {
+        return Ok(None);
+    }
+    let schema: serde_json::Value = metadata["schemaString"]
+        .as_str()
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or_default();
+    let mut columns = std::collections::HashMap::new();
+    for f in schema["fields"].as_array().into_iter().flatten() {
+        let (Some(name), Some(physical)) = (
+            f["name"].as_str(),
+            f["metadata"]["delta.columnMapping.physicalName"].as_str(),
+        ) else {
+            continue;
+        };
+        let id = f["metadata"]["delta.columnMapping.id"].as_i64();
+        columns.insert(name.to_string(), (physical.to_string(), id));
+    }
+    Ok(Some(ColumnMapping {
+        by_id: mode == "id",
+        columns,
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
 // The commit log
 
 /// The actions of commit `version`, or `None` when log clean-up removed it.

@@ -34,12 +34,14 @@ use crate::error::{Error, Result};
 
 /// Opens the events table at its latest version, or explains why it is not one.
 pub async fn open_events(loc: &TableLocation) -> Result<DeltaTable> {
-    crate::delta::open_existing(
+    let table = crate::delta::open_existing(
         loc,
         "--events",
         "create it with `sessionizer generate-rows`, or point --events at your table",
     )
-    .await
+    .await?;
+    crate::delta::check_reader_features(&table, loc, "--events")?;
+    Ok(table)
 }
 
 /// One data file added by a commit.
@@ -87,8 +89,12 @@ pub async fn read_version(
     let mut removes = 0usize;
     let mut operation = String::from("unknown operation");
     let mut commit_ts: Option<i64> = None;
+    let mut with_dv: Option<String> = None;
     for a in actions {
         match a {
+            Action::Add(add) if add.data_change && add.deletion_vector.is_some() => {
+                with_dv.get_or_insert(add.path);
+            }
             Action::Add(add) if add.data_change => files.push(DataFile {
                 modified_ms: add.modification_time,
                 path: add.path,
@@ -123,6 +129,17 @@ pub async fn read_version(
                 )),
             }),
         };
+    }
+    if let Some(path) = with_dv {
+        return Err(Error::usage(format!(
+            "version {version} of the events table adds the data file `{}` with a \
+                     deletion vector (Delta table feature `deletionVectors`): some of its rows \
+                     are deleted, and sessionizer reads added files whole. Nothing was written. \
+                     Purge the deletion vectors (Spark: REORG TABLE ... APPLY (PURGE)) and start \
+                     a new checkpoint after that version, or disable deletion vectors on the \
+                     events table (delta.enableDeletionVectors = false)",
+            path
+        )));
     }
     let skipped = files
         .is_empty()
@@ -202,7 +219,10 @@ pub async fn plan_versions(
 /// `--start-when` / `--end-when` predicates, evaluated per batch with DataFusion.
 #[derive(Debug, Clone)]
 pub struct ReadPlan {
+    /// The columns read, by their logical names.
     pub schema: SchemaRef,
+    /// How data files name those columns, for tables with column mapping.
+    pub mapping: Option<Arc<crate::delta::ColumnMapping>>,
     pub start_when: Option<Arc<dyn PhysicalExpr>>,
     pub end_when: Option<Arc<dyn PhysicalExpr>>,
 }
@@ -273,9 +293,53 @@ impl ReadPlan {
         let start_when = compiled.pop().flatten();
         Ok(Self {
             schema,
+            mapping: None,
             start_when,
             end_when,
         })
+    }
+
+    /// Reads data files by the table's column mapping (see [`crate::delta::column_mapping`]).
+    pub fn with_mapping(mut self, mapping: Option<crate::delta::ColumnMapping>) -> Self {
+        self.mapping = mapping.map(Arc::new);
+        self
+    }
+
+    /// For each projected column, its position among the file's top-level fields: by logical
+    /// name, or under column mapping by field id (id mode) or physical name.
+    fn file_columns(&self, file_schema: &Schema) -> Vec<(usize, usize)> {
+        let mut found = Vec::new();
+        for (i, f) in self.schema.fields().iter().enumerate() {
+            let at = match &self.mapping {
+                None => file_schema.index_of(f.name()).ok(),
+                Some(m) => match m.columns.get(f.name()) {
+                    Some((physical, id)) => {
+                        let by_id = id.filter(|_| m.by_id).and_then(|id| {
+                            file_schema.fields().iter().position(|ff| {
+                                ff.metadata()
+                                    .get("PARQUET:field_id")
+                                    .and_then(|v| v.parse::<i64>().ok())
+                                    == Some(id)
+                            })
+                        });
+                        by_id.or_else(|| file_schema.index_of(physical).ok())
+                    }
+                    None => file_schema.index_of(f.name()).ok(),
+                },
+            };
+            if let Some(j) = at {
+                found.push((i, j));
+            }
+        }
+        found
+    }
+
+    /// The name a partition value is stored under for a projected column.
+    fn partition_key<'a>(&'a self, logical: &'a str) -> &'a str {
+        match self.mapping.as_ref().and_then(|m| m.columns.get(logical)) {
+            Some((physical, _)) => physical,
+            None => logical,
+        }
     }
 
     /// Conforms a batch read from one file to the projected schema: columns in order, missing
@@ -449,11 +513,19 @@ async fn read_file(
             ))
         })?;
     let file_schema = builder.schema().clone();
-    let roots: Vec<usize> = plan
-        .schema
-        .fields()
+    let matched = plan.file_columns(&file_schema);
+    let mut roots: Vec<usize> = matched.iter().map(|&(_, j)| j).collect();
+    roots.sort_unstable();
+    // The decoded batch holds the chosen roots in file order; each is renamed to its logical
+    // name (under column mapping, files use physical names).
+    let names: Vec<(String, String)> = matched
         .iter()
-        .filter_map(|f| file_schema.index_of(f.name()).ok())
+        .map(|&(i, j)| {
+            (
+                file_schema.field(j).name().clone(),
+                plan.schema.field(i).name().clone(),
+            )
+        })
         .collect();
     let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
     let mut stream = builder
@@ -482,7 +554,8 @@ async fn read_file(
     };
     let mut row = 0i64;
     while let Some(batch) = stream.next().await {
-        let batch = with_partition_columns(batch?, file, &plan.schema)?;
+        let batch = logical_names(batch?, &names)?;
+        let batch = with_partition_columns(batch, file, plan)?;
         let batch = plan.conform(&batch)?;
         let n = batch.num_rows() as i64;
         let markers = plan.markers(&batch)?;
@@ -522,14 +595,18 @@ async fn read_file(
 fn with_partition_columns(
     batch: RecordBatch,
     file: &DataFile,
-    projected: &Schema,
+    plan: &ReadPlan,
 ) -> Result<RecordBatch> {
-    let missing: Vec<&Field> = projected
+    let missing: Vec<&Field> = plan
+        .schema
         .fields()
         .iter()
         .map(|f| f.as_ref())
         .filter(|f| {
-            batch.column_by_name(f.name()).is_none() && file.partition_values.contains_key(f.name())
+            batch.column_by_name(f.name()).is_none()
+                && file
+                    .partition_values
+                    .contains_key(plan.partition_key(f.name()))
         })
         .collect();
     if missing.is_empty() {
@@ -538,7 +615,7 @@ fn with_partition_columns(
     let mut fields: Vec<Arc<Field>> = batch.schema().fields().iter().cloned().collect();
     let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
     for f in missing {
-        let value = file.partition_values[f.name()].clone();
+        let value = file.partition_values[plan.partition_key(f.name())].clone();
         let strings: ArrayRef = Arc::new(StringArray::from(vec![value; batch.num_rows()]));
         cols.push(cast(&strings, f.data_type())?);
         fields.push(Arc::new(f.clone()));
@@ -546,6 +623,27 @@ fn with_partition_columns(
     Ok(RecordBatch::try_new_with_options(
         Arc::new(Schema::new(fields)),
         cols,
+        &RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
+    )?)
+}
+
+/// Renames a decoded batch's columns from the names in the file to the logical names.
+fn logical_names(batch: RecordBatch, names: &[(String, String)]) -> Result<RecordBatch> {
+    if names.iter().all(|(file, logical)| file == logical) {
+        return Ok(batch);
+    }
+    let fields: Vec<Arc<Field>> = batch
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| match names.iter().find(|(file, _)| file == f.name()) {
+            Some((_, logical)) => Arc::new(f.as_ref().clone().with_name(logical)),
+            None => f.clone(),
+        })
+        .collect();
+    Ok(RecordBatch::try_new_with_options(
+        Arc::new(Schema::new(fields)),
+        batch.columns().to_vec(),
         &RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
     )?)
 }

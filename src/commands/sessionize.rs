@@ -292,7 +292,8 @@ impl<'a> Job<'a> {
             &schema,
             settings.start_when.as_deref(),
             settings.end_when.as_deref(),
-        )?;
+        )?
+        .with_mapping(delta::column_mapping(&events)?);
         let wanted = Identity {
             format: 1,
             checkpoint_id: uuid::Uuid::new_v4().to_string(),
@@ -398,21 +399,8 @@ pub async fn run(settings: &Settings) -> Result<RunSummary> {
     }
     let lock = cp.lock(settings.break_lock).await?;
     failpoint::pause("pause-after-lock").await;
-    let result = async {
-        let identity = match existing {
-            Some(id) => id,
-            None => {
-                lock.fence().check().await?;
-                let id = cp.write_identity(&job.wanted).await?;
-                // A run that raced us to create the checkpoint won: its settings must fit.
-                id.check_matches(&job.wanted, &cp.loc)?;
-                id
-            }
-        };
-        let started_ms = started.elapsed().as_millis() as u64;
-        run_locked(&job, &cp, &identity, &lock, started_ms).await
-    }
-    .await;
+    let started_ms = started.elapsed().as_millis() as u64;
+    let result = run_locked(&job, &cp, existing, &lock, started_ms).await;
     let released = lock.release().await;
     let mut summary = result?;
     released?;
@@ -443,9 +431,11 @@ struct Done {
 struct Batch<'a> {
     job: &'a Job<'a>,
     cp: &'a Checkpoint,
-    app_id: String,
+    /// The checkpoint's identity; `None` until a new checkpoint records it.
+    identity: Option<Identity>,
     lock: &'a LockGuard,
-    outputs: Outputs,
+    /// Opened (and created on first use) once the first batch is planned.
+    outputs: Option<Outputs>,
     state: Option<deltalake::DeltaTable>,
     progress: Progress,
     /// The pending events, once read: a run with nothing new never reads them.
@@ -465,39 +455,23 @@ struct Planned {
 async fn run_locked(
     job: &Job<'_>,
     cp: &Checkpoint,
-    identity: &Identity,
+    identity: Option<Identity>,
     lock: &LockGuard,
     started_ms: u64,
 ) -> Result<RunSummary> {
     let settings = job.settings;
-    let t = &settings.tables;
-    let spec = &job.engine.spec;
     let state = cp.state_table().await?;
     let progress = cp.progress(state.as_ref()).await?;
     let next = job.first_version(&progress).await?;
-    let sessions =
-        delta::open_or_create(&t.sessions, &sessions_schema(spec), true, "--sessions").await?;
-    let live = delta::open_or_create(&t.live, &live_schema(spec), false, "--live").await?;
-    delta::check_rewritable(&live, &t.live, "--live")?;
-    let late = match &t.late_events {
-        Some(loc) => {
-            Some(delta::open_or_create(loc, &rejected_schema(spec), true, "--late-events").await?)
-        }
-        None => None,
-    };
     if settings.max_bytes_per_batch.is_some() {
         crate::memory::return_freed_memory_at_once();
     }
     let mut run = Batch {
         job,
         cp,
-        app_id: identity.app_id(),
+        identity,
         lock,
-        outputs: Outputs {
-            sessions,
-            live,
-            late,
-        },
+        outputs: None,
         state,
         progress,
         pending: None,
@@ -518,6 +492,9 @@ async fn run_locked(
         let Some(planned) = run.plan().await? else {
             break;
         };
+        // The first batch is planned (and the source's commits checked) before anything is
+        // written, even the identity of a new checkpoint or its empty output tables.
+        run.open_outputs().await?;
         let flush = planned.plan.flush;
         let versions = planned.vfs.len() as u64;
         let report = run.batch(planned, &bar).await?;
@@ -538,6 +515,72 @@ async fn run_locked(
 impl Batch<'_> {
     fn settings(&self) -> &Settings {
         self.job.settings
+    }
+
+    fn outputs(&self) -> &Outputs {
+        self.outputs
+            .as_ref()
+            .expect("opened before the first batch")
+    }
+
+    fn app_id(&self) -> String {
+        self.identity
+            .as_ref()
+            .expect("recorded before the first batch")
+            .app_id()
+    }
+
+    /// Opens the output tables, checking that their columns fit (exit 2) before anything is
+    /// written; then records a new checkpoint's identity and creates the missing tables.
+    async fn open_outputs(&mut self) -> Result<()> {
+        if self.outputs.is_some() {
+            return Ok(());
+        }
+        let t = &self.job.settings.tables;
+        let spec = &self.job.engine.spec;
+        let wanted = [
+            (&t.sessions, sessions_schema(spec), true, "--sessions"),
+            (&t.live, live_schema(spec), false, "--live"),
+        ];
+        let late = t
+            .late_events
+            .as_ref()
+            .map(|l| (l, rejected_schema(spec), true, "--late-events"));
+        let mut found = Vec::new();
+        for (loc, schema, _, flag) in wanted.iter().chain(late.iter()) {
+            let table = delta::try_load(loc).await?;
+            if let Some(table) = &table {
+                delta::check_schema(table, schema, loc, flag)?;
+                if *flag == "--live" {
+                    delta::check_rewritable(table, loc, flag)?;
+                }
+            }
+            found.push(table);
+        }
+        if self.identity.is_none() {
+            self.lock.fence().check().await?;
+            let id = self.cp.write_identity(&self.job.wanted).await?;
+            // A run that created the checkpoint first won: its settings must fit.
+            id.check_matches(&self.job.wanted, &self.cp.loc)?;
+            self.identity = Some(id);
+        }
+        let mut tables = Vec::new();
+        for ((loc, schema, append_only, _), table) in wanted.iter().chain(late.iter()).zip(found) {
+            tables.push(match table {
+                Some(t) => t,
+                None => {
+                    self.lock.fence().check().await?;
+                    delta::create_table(loc, schema, *append_only).await?
+                }
+            });
+        }
+        let mut tables = tables.into_iter();
+        self.outputs = Some(Outputs {
+            sessions: tables.next().expect("sessions"),
+            live: tables.next().expect("live"),
+            late: tables.next(),
+        });
+        Ok(())
     }
 
     /// Stage 1: the recorded plan of an unfinished batch, or the next versions to read;
@@ -609,7 +652,7 @@ impl Batch<'_> {
 
     fn tag(&self, plan: &Plan) -> BatchTag {
         BatchTag {
-            app_id: self.app_id.clone(),
+            app_id: self.app_id(),
             record: BatchRecord {
                 seq: plan.seq,
                 versions: plan.versions,
@@ -626,7 +669,7 @@ impl Batch<'_> {
     async fn check_outputs(&self, tag: &BatchTag) -> Result<Done> {
         let t = &self.settings().tables;
         let cp = &self.cp.loc;
-        let o = &self.outputs;
+        let o = self.outputs();
         Ok(Done {
             sessions: sink::batch_done(&o.sessions, &t.sessions, "--sessions", tag, cp).await?,
             live: sink::batch_done(&o.live, &t.live, "--live", tag, cp).await?,
@@ -751,7 +794,7 @@ impl Batch<'_> {
         let writers = if done.sessions {
             None
         } else {
-            Some(sink::append_writers(&self.outputs.sessions, threads)?)
+            Some(sink::append_writers(&self.outputs().sessions, threads)?)
         };
         let mut out = fold::fold_buckets(
             engine,
@@ -786,7 +829,10 @@ impl Batch<'_> {
         phases: &mut Phases,
     ) -> Result<u64> {
         let t = &self.job.settings.tables;
-        let o = &mut self.outputs;
+        let o = self
+            .outputs
+            .as_mut()
+            .expect("opened before the first batch");
         if !done.sessions {
             let table = o.sessions.clone();
             o.sessions = delta::commit_files(table, &t.sessions, adds, tag).await?.0;

@@ -115,3 +115,56 @@ fn tables_with_checkpoints_are_read() {
     sessionizes_as_expected("checkpointed", &[]);
     sessionizes_as_expected("v2_checkpoint", &[]);
 }
+
+#[test]
+fn column_mapping_by_name_and_by_id_with_renamed_and_dropped_columns_is_read() {
+    for name in [
+        "column_mapping_name",
+        "column_mapping_id",
+        "column_mapping_id_by_field_id",
+    ] {
+        let s = sessionizes_as_expected(name, &[]);
+        assert_eq!(s["rows_invalid"], 0, "{name}: {s}");
+    }
+}
+
+#[test]
+fn an_added_file_with_a_deletion_vector_is_refused_naming_the_feature() {
+    let base = Base::new();
+    fixture(&base, "deletion_vectors_added");
+    let out = base.run(&["sessionize"]);
+    assert_eq!(out.code(), 2, "{}", out.stderr());
+    assert!(out.stderr().contains("deletionVectors"), "{}", out.stderr());
+    assert_eq!(
+        output_versions(&base),
+        [None, None, None],
+        "nothing written"
+    );
+    // A table with the feature whose deleting commit is skipped reads the files it added.
+    sessionizes_as_expected("deletion_vectors", &["--on-change-commit", "skip"]);
+}
+
+#[test]
+fn an_unknown_reader_feature_is_refused_before_anything_is_read() {
+    let base = Base::new();
+    let events = fixture(&base, "timestamp_ntz");
+    let first = events.join("_delta_log/00000000000000000000.json");
+    let log = std::fs::read_to_string(&first).unwrap();
+    assert!(
+        log.contains("\"readerFeatures\":[\"timestampNtz\"]"),
+        "{log}"
+    );
+    let log = log.replace(
+        "\"readerFeatures\":[\"timestampNtz\"]",
+        "\"readerFeatures\":[\"timestampNtz\",\"variantType\"]",
+    );
+    let log = log.replace(
+        "\"writerFeatures\":[\"timestampNtz\"]",
+        "\"writerFeatures\":[\"timestampNtz\",\"variantType\"]",
+    );
+    std::fs::write(&first, log).unwrap();
+    let out = base.run(&["sessionize"]);
+    assert_eq!(out.code(), 2, "{}", out.stderr());
+    assert!(out.stderr().contains("`variantType`"), "{}", out.stderr());
+    assert!(!base.table("checkpoint").exists());
+}
