@@ -73,7 +73,7 @@ pub enum Command {
         after_help = "Exit status: 0 when the checkpoint is readable, 3 when there is none yet, 1 when it is corrupt.\n\nExample:\n  sessionizer status --output json"
     )]
     Status(StatusArgs),
-    /// SQL over the tables: events, sessions, live_sessions, pending and late_events.
+    /// Read-only SQL over the tables: events, sessions, live_sessions, pending and late_events.
     #[command(
         after_help = "Example:\n  sessionizer query \"SELECT avg(duration_ms) AS avg_ms FROM sessions\""
     )]

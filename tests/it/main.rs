@@ -10,6 +10,7 @@ mod lock;
 mod models;
 mod ops;
 mod s3;
+mod safety;
 mod source_commits;
 mod util;
 mod walkthrough;

@@ -1,0 +1,119 @@
+//! Careless hands (issue 12): `query` never writes, `demo` cannot reach or delete a real
+//! table, and tables nested inside one another are refused.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::util::*;
+
+/// A base with all four tables: two generated commits, one run.
+fn with_tables() -> Base {
+    let base = Base::new();
+    base.gen_at(T0);
+    base.ok(&["sessionize"]);
+    base.gen_at("2026-02-15T17:06:47Z");
+    base.ok(&["sessionize"]);
+    base
+}
+
+/// Every file under `dir`, relative, sorted.
+fn files(dir: &Path) -> Vec<String> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                out.push(p.strip_prefix(root).unwrap().display().to_string());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+fn versions(base: &Base) -> [Option<u64>; 4] {
+    [
+        base.version("events"),
+        base.version("sessions"),
+        base.version("live_sessions"),
+        base.version("checkpoint/state"),
+    ]
+}
+
+#[test]
+fn query_refuses_every_statement_that_writes_and_changes_nothing() {
+    let base = with_tables();
+    let before = versions(&base);
+    let tables_before = files(base.path());
+    let cwd = tempfile::tempdir().unwrap();
+    let query = |sql: &str| {
+        Out(Command::new(bin())
+            .args(["query", sql, "--base-dir"])
+            .arg(base.path())
+            .current_dir(cwd.path())
+            .output()
+            .unwrap())
+    };
+    let refused = [
+        ("INSERT INTO sessions SELECT * FROM sessions", "INSERT"),
+        (
+            "INSERT INTO events VALUES (9, TIMESTAMP '2026-02-15 17:10:00', 'x')",
+            "INSERT",
+        ),
+        ("COPY (SELECT 1) TO 'x.csv'", "COPY"),
+        ("COPY sessions TO 'sessions.parquet'", "COPY"),
+        ("CREATE TABLE t AS SELECT * FROM sessions", "CREATE TABLE"),
+        (
+            "CREATE EXTERNAL TABLE t STORED AS CSV LOCATION 'x.csv'",
+            "CREATE EXTERNAL TABLE",
+        ),
+        ("DELETE FROM sessions", "DELETE"),
+        ("SET datafusion.execution.batch_size = 1", "SET"),
+        (
+            "EXPLAIN ANALYZE INSERT INTO sessions SELECT * FROM sessions",
+            "INSERT",
+        ),
+        (
+            "SELECT * INTO copy_of_sessions FROM sessions",
+            "SELECT … INTO",
+        ),
+    ];
+    for (sql, named) in refused {
+        let out = query(sql);
+        assert_eq!(out.code(), 2, "{sql}: {}{}", out.stdout(), out.stderr());
+        let err = out.stderr();
+        assert!(
+            err.contains("read-only") && err.contains(&format!("{named} is not allowed")),
+            "{sql}: {err}"
+        );
+        assert_eq!(versions(&base), before, "{sql} changed a table");
+        assert_eq!(files(base.path()), tables_before, "{sql} wrote a file");
+        assert_eq!(
+            files(cwd.path()),
+            Vec::<String>::new(),
+            "{sql} wrote a file"
+        );
+    }
+    for sql in [
+        "SELECT count(*) AS n FROM sessions",
+        "WITH s AS (SELECT * FROM live) SELECT count(*) AS n FROM s",
+        "EXPLAIN SELECT * FROM sessions",
+        "SHOW TABLES",
+        "DESCRIBE sessions",
+    ] {
+        let out = query(sql);
+        assert_eq!(out.code(), 0, "{sql}: {}", out.stderr());
+    }
+    let tables = query("SHOW TABLES").stdout();
+    assert!(
+        tables.contains("sessions") && tables.contains("live_sessions"),
+        "{tables}"
+    );
+    assert_eq!(versions(&base), before);
+}
