@@ -117,3 +117,64 @@ fn query_refuses_every_statement_that_writes_and_changes_nothing() {
     );
     assert_eq!(versions(&base), before);
 }
+
+#[test]
+fn nested_locations_are_refused_before_anything_is_written() {
+    let base = Base::new();
+    base.gen_at(T0);
+    let version = base.version("events");
+    let inner = base.table("sessions").join("_checkpoint");
+    let out = base.run(&["sessionize", "--checkpoint", inner.to_str().unwrap()]);
+    assert_eq!(out.code(), 2, "{}", out.stderr());
+    let err = out.stderr();
+    assert!(
+        err.contains(&format!("--checkpoint ({}/)", inner.display()))
+            && err.contains(&format!(
+                "inside --sessions ({}/)",
+                base.table("sessions").display()
+            )),
+        "{err}"
+    );
+    assert!(!base.table("sessions").exists() && !inner.exists());
+    assert_eq!(base.version("events"), version);
+
+    // Late events inside the events table, on an object store: refused without any I/O.
+    let out = base.run(&[
+        "sessionize",
+        "--events",
+        "s3://lake/clicks/events",
+        "--late-events",
+        "s3://lake/clicks/events/_late",
+        "--sessions",
+        "s3://lake/clicks/sessions",
+        "--live",
+        "s3://lake/clicks/live",
+        "--checkpoint",
+        "s3://lake/clicks/checkpoint",
+    ]);
+    assert_eq!(out.code(), 2, "{}", out.stderr());
+    assert!(
+        out.stderr()
+            .contains("--late-events (s3://lake/clicks/events/_late/) is inside --events"),
+        "{}",
+        out.stderr()
+    );
+    // A sibling whose name only starts the same is not nested.
+    base.ok(&[
+        "sessionize",
+        "--checkpoint",
+        base.table("sessions_checkpoint").to_str().unwrap(),
+    ]);
+    // maintain, which vacuums, refuses them too.
+    let out = base.run(&[
+        "maintain",
+        "--late-events",
+        base.table("live_sessions/late").to_str().unwrap(),
+    ]);
+    assert_eq!(out.code(), 2, "{}", out.stderr());
+    assert!(
+        out.stderr().contains("is inside --live"),
+        "{}",
+        out.stderr()
+    );
+}
