@@ -328,7 +328,8 @@ pub struct CompletionsArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
-    /// The demo's own folder; its four tables are deleted and recreated.
+    /// The demo's own folder (never taken from a config file or SESSIONIZER_* variable). Tables
+    /// the demo created there are deleted and recreated; anything else there stops it.
     #[arg(long, default_value = "/tmp/sessionizer-demo")]
     pub base_dir: TableLocation,
     /// Run one reference job's scenario instead of the walkthrough.

@@ -644,6 +644,7 @@ mod tests {
 /// three; this adds the file by appending `--flag value` for exactly the flags whose value
 /// still comes from the default, then parsing again. Keys are flag names (`max-duration` or
 /// `max_duration`); a key no subcommand knows is an error, so a typo does not pass silently.
+/// `demo` takes no layers at all: it must not be steered into a real lake by a config file.
 pub fn parse_layered<I, T>(argv: I) -> Result<crate::cli::Cli, LayerError>
 where
     I: IntoIterator<Item = T>,
@@ -653,6 +654,11 @@ where
     let mut argv: Vec<std::ffi::OsString> = argv.into_iter().map(Into::into).collect();
     let cmd = crate::cli::Cli::command();
     let matches = cmd.clone().try_get_matches_from(&argv)?;
+    if matches.subcommand_name() == Some("demo") {
+        // The demo deletes and rewrites its tables: it goes where its own --base-dir says,
+        // never where a config file (--config, SESSIONIZER_CONFIG) points.
+        return Ok(crate::cli::Cli::from_arg_matches(&matches)?);
+    }
     let file = matches.get_one::<PathBuf>("config").cloned();
     let env = matches.get_one::<String>("environment").cloned();
     let Some(file) = file else {
@@ -783,6 +789,32 @@ pub enum LayerError {
 mod layer_tests {
     use super::parse_layered;
     use crate::cli::Command;
+
+    #[test]
+    fn the_demo_takes_no_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("s.toml");
+        std::fs::write(
+            &file,
+            "base-dir = \"/data/lake\"\n[env.prod]\nbase-dir = \"/data/prod\"\n",
+        )
+        .unwrap();
+        let file = file.to_str().unwrap();
+        for argv in [
+            vec!["sessionizer", "demo", "--config", file],
+            vec!["sessionizer", "--config", file, "--env", "prod", "demo"],
+        ] {
+            let cli = parse_layered(argv.clone()).unwrap_or_else(|_| panic!("{argv:?} parses"));
+            let Command::Demo(args) = cli.command else {
+                panic!("demo")
+            };
+            assert_eq!(
+                args.base_dir.to_string(),
+                "/tmp/sessionizer-demo/",
+                "{argv:?}"
+            );
+        }
+    }
 
     #[test]
     fn a_repeatable_flag_from_a_file_keeps_its_items_apart() {

@@ -119,6 +119,103 @@ fn query_refuses_every_statement_that_writes_and_changes_nothing() {
 }
 
 #[test]
+fn demo_refuses_a_table_it_did_not_create_and_leaves_it_as_it_was() {
+    let base = Base::new();
+    base.gen_at(T0); // a real-looking events table, written by generate-rows
+    let before = base.rows("events");
+    let version = base.version("events");
+    let out = base.run(&["demo"]);
+    assert_eq!(out.code(), 2, "{}{}", out.stdout(), out.stderr());
+    let err = out.stderr();
+    let events = base.table("events");
+    assert!(
+        err.contains(&events.display().to_string())
+            && err.contains("a Delta table (version 1")
+            && err.contains("did not create")
+            && err.contains("--base-dir"),
+        "{err}"
+    );
+    assert_eq!(base.version("events"), version);
+    assert_eq!(base.rows("events"), before);
+    assert!(!base.table("sessions").exists() && !base.table("checkpoint").exists());
+
+    // Files that are not a table at one of the demo's locations: refused the same way.
+    let other = Base::new();
+    std::fs::create_dir_all(other.table("checkpoint")).unwrap();
+    std::fs::write(other.table("checkpoint/notes.txt"), "mine").unwrap();
+    let out = other.run(&["demo"]);
+    assert_eq!(out.code(), 2, "{}", out.stderr());
+    assert!(out.stderr().contains("notes.txt"), "{}", out.stderr());
+    assert_eq!(
+        std::fs::read_to_string(other.table("checkpoint/notes.txt")).unwrap(),
+        "mine"
+    );
+    assert!(!other.table("events").exists());
+}
+
+#[test]
+fn demo_ignores_config_files_and_table_variables_and_reruns_on_its_own_tables() {
+    // A "real lake" elsewhere, with its own events table.
+    let lake = Base::new();
+    lake.gen_at(T0);
+    let lake_rows = lake.rows("events");
+    let lake_version = lake.version("events");
+    let lake_path = lake.path().to_str().unwrap().to_string();
+    let config = lake.path().join("sessionizer.toml");
+    std::fs::write(
+        &config,
+        format!("base-dir = \"{lake_path}\"\ngap = \"1m\"\n"),
+    )
+    .unwrap();
+    let events = format!("{lake_path}/events");
+    let sessions = format!("{lake_path}/sessions");
+    let live = format!("{lake_path}/live_sessions");
+    let checkpoint = format!("{lake_path}/checkpoint");
+    let env = [
+        ("SESSIONIZER_CONFIG", config.to_str().unwrap()),
+        ("SESSIONIZER_EVENTS", events.as_str()),
+        ("SESSIONIZER_SESSIONS", sessions.as_str()),
+        ("SESSIONIZER_LIVE", live.as_str()),
+        ("SESSIONIZER_CHECKPOINT", checkpoint.as_str()),
+        ("SESSIONIZER_GAP", "1m"),
+    ];
+    let demo = Base::new();
+    for run in 1..=2 {
+        let out = demo.run_env(&["demo"], &env);
+        assert_eq!(out.code(), 0, "run {run}: {}", out.stderr());
+        assert!(
+            out.stdout().contains("3 sessions closed, 1 pending"),
+            "run {run}: {}",
+            out.stdout()
+        );
+        let closed = sql(
+            &demo.table("sessions"),
+            "SELECT user_id, event_count, close_reason FROM t",
+        );
+        assert_eq!(
+            closed,
+            [
+                "1 | 4 | inactivity",
+                "2 | 2 | inactivity",
+                "3 | 2 | inactivity"
+            ],
+            "run {run}: the demo's own 40-minute gap, its own tables"
+        );
+    }
+    assert_eq!(lake.version("events"), lake_version);
+    assert_eq!(lake.rows("events"), lake_rows);
+    for name in ["sessions", "live_sessions", "checkpoint"] {
+        assert!(
+            !lake.table(name).exists(),
+            "the demo wrote {name} in the lake"
+        );
+    }
+    // A maintained demo (compacted and vacuumed tables) is still the demo's own.
+    demo.ok(&["maintain", "--retention", "0s"]);
+    demo.ok(&["demo"]);
+}
+
+#[test]
 fn nested_locations_are_refused_before_anything_is_written() {
     let base = Base::new();
     base.gen_at(T0);
