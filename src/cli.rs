@@ -161,7 +161,8 @@ pub struct SessionizeArgs {
     /// Columns kept per event in visited_pages: auto (page if present), none, or COL[,COL…].
     #[arg(long, env = "SESSIONIZER_COLLECT", default_value = "auto")]
     pub collect: Collect,
-    /// Numeric columns summed per session into <COL>_sum.
+    /// Numeric columns summed per session into <COL>_sum: an exact BIGINT for integer columns
+    /// (null if it overflows), a DOUBLE for float and decimal columns.
     #[arg(long, env = "SESSIONIZER_SUM", value_delimiter = ',')]
     pub sum: Vec<String>,
     /// sessions (gap-based) or pairs (explicit start and end events).

@@ -243,6 +243,7 @@ pub async fn run(settings: &Settings) -> Result<RunSummary> {
         watermark_delay: settings.watermark_delay.to_string(),
         collect,
         sums,
+        sum_types: spec.sum_types.iter().map(|t| t.to_string()).collect(),
         rules: rules_fingerprint(settings),
         created_at: Utc::now().to_rfc3339(),
     };

@@ -20,7 +20,9 @@ mod output;
 mod pairs;
 mod rules;
 
-pub use input::{EventSpec, FilePiece, Markers, SpecError, TimeKind, normalize, sum_input_name};
+pub use input::{
+    EventSpec, FilePiece, Markers, SpecError, TimeKind, normalize, sum_input_name, sum_type,
+};
 pub use output::{live_schema, rejected_schema, session_id, sessions_schema};
 pub use pairs::PairStatus;
 pub use rules::{CloseReason, SessionRules, SessionSpan};
