@@ -73,6 +73,11 @@ pub struct Identity {
     pub watermark_delay: String,
     pub collect: Vec<String>,
     pub sums: Vec<String>,
+    /// Arrow types the `--sum` columns are kept and summed as (`Int64` or `Float64`): the
+    /// pending events hold them in that type. Absent in checkpoints written before integer
+    /// sums were exact, which kept every summed column as `Float64`.
+    #[serde(default)]
+    pub sum_types: Vec<String>,
     /// `sessions`, or `pairs`; plus the rules that cut sessions. Absent in older checkpoints.
     #[serde(default)]
     pub rules: String,
@@ -150,7 +155,31 @@ impl Identity {
                 )));
             }
         }
+        let have = self.recorded_sum_types();
+        let want = wanted.recorded_sum_types();
+        if have != want {
+            return Err(Error::usage(format!(
+                "the checkpoint `{loc}` keeps the summed columns `{}` as `{}`, but this version \
+                 of sessionizer sums them as `{}` (integer columns are summed exactly, as \
+                 BIGINT). Its pending events cannot be carried over: start fresh with a new \
+                 --checkpoint location and new --sessions and --live tables (their `_sum` \
+                 columns change type too), with --starting-version N to begin after the \
+                 versions this checkpoint processed",
+                self.sums.join(","),
+                have.join(","),
+                want.join(","),
+            )));
+        }
         Ok(())
+    }
+
+    /// The types of the summed columns; `Float64` for each in a checkpoint that predates them.
+    fn recorded_sum_types(&self) -> Vec<String> {
+        if self.sum_types.is_empty() {
+            vec!["Float64".to_string(); self.sums.len()]
+        } else {
+            self.sum_types.clone()
+        }
     }
 }
 

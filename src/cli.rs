@@ -73,7 +73,7 @@ pub enum Command {
         after_help = "Exit status: 0 when the checkpoint is readable, 3 when there is none yet, 1 when it is corrupt.\n\nExample:\n  sessionizer status --output json"
     )]
     Status(StatusArgs),
-    /// SQL over the tables: events, sessions, live_sessions, pending and late_events.
+    /// Read-only SQL over the tables: events, sessions, live_sessions, pending and late_events.
     #[command(
         after_help = "Example:\n  sessionizer query \"SELECT avg(duration_ms) AS avg_ms FROM sessions\""
     )]
@@ -161,7 +161,8 @@ pub struct SessionizeArgs {
     /// Columns kept per event in visited_pages: auto (page if present), none, or COL[,COL…].
     #[arg(long, env = "SESSIONIZER_COLLECT", default_value = "auto")]
     pub collect: Collect,
-    /// Numeric columns summed per session into <COL>_sum.
+    /// Numeric columns summed per session into <COL>_sum: an exact BIGINT for integer columns
+    /// (null if it overflows), a DOUBLE for float and decimal columns.
     #[arg(long, env = "SESSIONIZER_SUM", value_delimiter = ',')]
     pub sum: Vec<String>,
     /// sessions (gap-based) or pairs (explicit start and end events).
@@ -332,7 +333,8 @@ pub struct CompletionsArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
-    /// The demo's own folder; its four tables are deleted and recreated.
+    /// The demo's own folder (never taken from a config file or SESSIONIZER_* variable). Tables
+    /// the demo created there are deleted and recreated; anything else there stops it.
     #[arg(long, default_value = "/tmp/sessionizer-demo")]
     pub base_dir: TableLocation,
     /// Run one reference job's scenario instead of the walkthrough.

@@ -210,6 +210,40 @@ impl TableLocation {
             options: self.options.clone(),
         }
     }
+    /// The location as comparable parts: scheme (`s3a` is `s3`), authority, and the path's
+    /// segments with `.`, `..` and empty segments resolved.
+    fn normalized(&self) -> (String, String, Vec<String>) {
+        let scheme = match self.url.scheme() {
+            "s3a" => "s3".to_string(),
+            other => other.to_ascii_lowercase(),
+        };
+        let authority = format!(
+            "{}@{}:{}",
+            self.url.username(),
+            self.url.host_str().unwrap_or("").to_ascii_lowercase(),
+            self.url.port().map_or(String::new(), |p| p.to_string())
+        );
+        let mut segments: Vec<String> = Vec::new();
+        for seg in self.url.path().split('/') {
+            match seg {
+                "" | "." | "%2E" | "%2e" => {}
+                ".." => {
+                    segments.pop();
+                }
+                s => segments.push(s.to_string()),
+            }
+        }
+        (scheme, authority, segments)
+    }
+
+    /// Whether `self` is `other` or lies inside it, comparing whole path segments: `/a/b` is
+    /// inside `/a`, `/a/bc` is not.
+    pub fn is_within(&self, other: &TableLocation) -> bool {
+        let (s1, a1, p1) = self.normalized();
+        let (s2, a2, p2) = other.normalized();
+        s1 == s2 && a1 == a2 && p1.starts_with(&p2)
+    }
+
     pub fn from_path(p: &Path) -> Result<Self, String> {
         let abs = std::path::absolute(p).map_err(|e| format!("`{}`: {e}", p.display()))?;
         let url = Url::from_directory_path(&abs)
@@ -333,6 +367,48 @@ pub struct Tables {
     pub late_events: Option<TableLocation>,
 }
 
+impl Tables {
+    /// Refuses two locations that are the same or nest (one inside the other).
+    ///
+    /// A table inside another one's folder is lost to the outer table's VACUUM (`maintain`,
+    /// Spark, Databricks), which deletes files it does not know; and Delta readers of the
+    /// outer table may trip over the inner one's files.
+    pub fn check_nesting(&self) -> Result<(), String> {
+        let mut all = vec![
+            ("--events", &self.events),
+            ("--sessions", &self.sessions),
+            ("--live", &self.live),
+            ("--checkpoint", &self.checkpoint),
+        ];
+        if let Some(l) = &self.late_events {
+            all.push(("--late-events", l));
+        }
+        for (i, &(flag_a, a)) in all.iter().enumerate() {
+            for &(flag_b, b) in &all[i + 1..] {
+                let (a_in_b, b_in_a) = (a.is_within(b), b.is_within(a));
+                if a_in_b && b_in_a {
+                    return Err(format!(
+                        "{flag_a} and {flag_b} are the same location ({a}); each table needs \
+                         its own folder, e.g. side by side under --base-dir"
+                    ));
+                }
+                let (inner_flag, inner, outer_flag, outer) = match (a_in_b, b_in_a) {
+                    (true, _) => (flag_a, a, flag_b, b),
+                    (_, true) => (flag_b, b, flag_a, a),
+                    _ => continue,
+                };
+                return Err(format!(
+                    "{inner_flag} ({inner}) is inside {outer_flag} ({outer}): a VACUUM of the \
+                     outer table (sessionizer maintain, Spark, Databricks) would delete the \
+                     inner one's files. Give each table its own folder, none inside another, \
+                     e.g. side by side under --base-dir"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Everything `sessionize` needs, validated.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -423,7 +499,7 @@ impl Settings {
                 t.sessions
             ));
         }
-        Ok(())
+        t.check_nesting()
     }
 }
 
@@ -488,6 +564,100 @@ mod tests {
     }
 
     #[test]
+    fn nesting_compares_whole_path_segments() {
+        let loc = |s: &str| s.parse::<TableLocation>().unwrap();
+        // (inner, outer, is inner within outer)
+        let cases = [
+            ("/a/b", "/a", true),
+            ("/a/b/c", "/a", true),
+            ("/a", "/a", true),
+            ("/a/", "/a", true),
+            ("/a//b", "/a", true),
+            ("/a/./b", "/a", true),
+            ("/a/x/../b", "/a/b", true),
+            ("/a/bc", "/a/b", false),
+            ("/a/b", "/a/bc", false),
+            ("/a", "/a/b", false),
+            ("/ab", "/a", false),
+            ("file:///a/b", "/a", true),
+            ("s3://bucket/a/b", "s3://bucket/a", true),
+            ("s3a://bucket/a/b", "s3://bucket/a", true),
+            ("s3://bucket/a", "s3://bucket/a/", true),
+            ("s3://bucket/ab", "s3://bucket/a", false),
+            ("s3://other/a/b", "s3://bucket/a", false),
+            ("s3://bucket/a/b", "gs://bucket/a", false),
+            ("s3://bucket/a/b", "/a", false),
+            ("s3://bucket/a/b", "s3://bucket", true),
+            ("az://container/lake/cp", "az://container/lake", true),
+        ];
+        for (inner, outer, within) in cases {
+            assert_eq!(
+                loc(inner).is_within(&loc(outer)),
+                within,
+                "{inner} within {outer}"
+            );
+        }
+    }
+
+    #[test]
+    fn nested_tables_are_refused_naming_both_flags_and_paths() {
+        let loc = |s: &str| s.parse::<TableLocation>().unwrap();
+        let tables = |cp: &str, late: Option<&str>| Tables {
+            events: loc("/lake/events"),
+            sessions: loc("/lake/sessions"),
+            live: loc("/lake/live"),
+            checkpoint: loc(cp),
+            late_events: late.map(loc),
+        };
+        assert_eq!(
+            tables("/lake/checkpoint", Some("/lake/late")).check_nesting(),
+            Ok(())
+        );
+        assert_eq!(
+            tables("/lake/sessions_checkpoint", None).check_nesting(),
+            Ok(()),
+            "a sibling whose name starts like another is not inside it"
+        );
+        let cases = [
+            (
+                ("/lake/sessions/_cp", None),
+                [
+                    "--checkpoint (/lake/sessions/_cp/)",
+                    "inside --sessions (/lake/sessions/)",
+                ],
+            ),
+            (
+                ("/lake/checkpoint", Some("/lake/checkpoint/late")),
+                [
+                    "--late-events (/lake/checkpoint/late/)",
+                    "inside --checkpoint (/lake/checkpoint/)",
+                ],
+            ),
+            (
+                ("/lake/checkpoint", Some("/lake/events/late")),
+                [
+                    "--late-events (/lake/events/late/)",
+                    "inside --events (/lake/events/)",
+                ],
+            ),
+            (
+                ("/lake", None),
+                ["--events (/lake/events/)", "inside --checkpoint (/lake/)"],
+            ),
+            (
+                ("/lake/checkpoint", Some("/lake/live")),
+                ["--live and --late-events", "same location (/lake/live/)"],
+            ),
+        ];
+        for ((cp, late), wanted) in cases {
+            let err = tables(cp, late).check_nesting().unwrap_err();
+            for w in wanted {
+                assert!(err.contains(w), "{cp} {late:?}: `{w}` not in: {err}");
+            }
+        }
+    }
+
+    #[test]
     fn collect_values() {
         assert_eq!("auto".parse::<Collect>().unwrap(), Collect::Auto);
         assert_eq!("none".parse::<Collect>().unwrap(), Collect::None);
@@ -505,6 +675,7 @@ mod tests {
 /// three; this adds the file by appending `--flag value` for exactly the flags whose value
 /// still comes from the default, then parsing again. Keys are flag names (`max-duration` or
 /// `max_duration`); a key no subcommand knows is an error, so a typo does not pass silently.
+/// `demo` takes no layers at all: it must not be steered into a real lake by a config file.
 pub fn parse_layered<I, T>(argv: I) -> Result<crate::cli::Cli, LayerError>
 where
     I: IntoIterator<Item = T>,
@@ -514,6 +685,11 @@ where
     let mut argv: Vec<std::ffi::OsString> = argv.into_iter().map(Into::into).collect();
     let cmd = crate::cli::Cli::command();
     let matches = cmd.clone().try_get_matches_from(&argv)?;
+    if matches.subcommand_name() == Some("demo") {
+        // The demo deletes and rewrites its tables: it goes where its own --base-dir says,
+        // never where a config file (--config, SESSIONIZER_CONFIG) points.
+        return Ok(crate::cli::Cli::from_arg_matches(&matches)?);
+    }
     let file = matches.get_one::<PathBuf>("config").cloned();
     let env = matches.get_one::<String>("environment").cloned();
     let Some(file) = file else {
@@ -644,6 +820,32 @@ pub enum LayerError {
 mod layer_tests {
     use super::parse_layered;
     use crate::cli::Command;
+
+    #[test]
+    fn the_demo_takes_no_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("s.toml");
+        std::fs::write(
+            &file,
+            "base-dir = \"/data/lake\"\n[env.prod]\nbase-dir = \"/data/prod\"\n",
+        )
+        .unwrap();
+        let file = file.to_str().unwrap();
+        for argv in [
+            vec!["sessionizer", "demo", "--config", file],
+            vec!["sessionizer", "--config", file, "--env", "prod", "demo"],
+        ] {
+            let cli = parse_layered(argv.clone()).unwrap_or_else(|_| panic!("{argv:?} parses"));
+            let Command::Demo(args) = cli.command else {
+                panic!("demo")
+            };
+            assert_eq!(
+                args.base_dir.to_string(),
+                "/tmp/sessionizer-demo/",
+                "{argv:?}"
+            );
+        }
+    }
 
     #[test]
     fn a_repeatable_flag_from_a_file_keeps_its_items_apart() {

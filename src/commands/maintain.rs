@@ -45,6 +45,8 @@ pub struct MaintainReport {
 pub async fn maintain(args: &MaintainArgs) -> Result<MaintainReport> {
     let started = std::time::Instant::now();
     let tables = args.tables.resolve();
+    // A VACUUM of a table with another one inside it would delete the inner table's files.
+    tables.check_nesting().map_err(Error::Usage)?;
     let retention = chrono::Duration::microseconds(args.retention.as_micros());
     let (cp, _) = Checkpoint::open_existing(&tables.checkpoint).await?;
     let lock = cp.lock(args.break_lock).await?;

@@ -306,6 +306,7 @@ impl<'a> Job<'a> {
             watermark_delay: settings.watermark_delay.to_string(),
             collect,
             sums,
+            sum_types: spec.sum_types.iter().map(|t| t.to_string()).collect(),
             rules: rules_fingerprint(settings),
             created_at: Utc::now().to_rfc3339(),
         };

@@ -4,8 +4,9 @@
 //! `timestamp`, `timestamp_ntz` or epoch milliseconds. The engine only ever sees one layout:
 //! the key columns as they are, the time as `Int64` microseconds, the tie-break columns of
 //! SPEC rule 10 (commit version, file ordinal, row position), the end-marker flag, the
-//! `--collect` columns and the `--sum` columns as `Float64`. The same layout is the pending-state
-//! table, so state read back from the checkpoint and new events concatenate directly.
+//! `--collect` columns and the `--sum` columns, as `Int64` when they are integers (summed
+//! exactly) or `Float64` otherwise. The same layout is the pending-state table, so state read
+//! back from the checkpoint and new events concatenate directly.
 
 use std::sync::Arc;
 
@@ -37,6 +38,8 @@ pub struct EventSpec {
     pub time_kind: TimeKind,
     pub collect: Vec<(String, DataType)>,
     pub sums: Vec<String>,
+    /// The type each `--sum` column is kept and summed as ([`sum_type`]): `Int64` or `Float64`.
+    pub sum_types: Vec<DataType>,
     /// Pairing mode (`--mode pairs`): sessions are start/end pairs, not gap runs.
     pub pairs: bool,
 }
@@ -145,14 +148,13 @@ impl EventSpec {
         for c in collect {
             collect_cols.push((c.clone(), lookup(c, "a --collect column", "--collect")?));
         }
+        let mut sum_types = Vec::new();
         for s in sums {
             let dt = lookup(s, "a --sum column", "--sum")?;
-            if !(dt.is_numeric() || dt == DataType::Boolean) {
-                return Err(SpecError::BadSumType {
-                    column: s.clone(),
-                    found: dt,
-                });
-            }
+            sum_types.push(sum_type(&dt).ok_or_else(|| SpecError::BadSumType {
+                column: s.clone(),
+                found: dt,
+            })?);
         }
         Ok(Self {
             key_columns: keys.to_vec(),
@@ -161,6 +163,7 @@ impl EventSpec {
             time_kind,
             collect: collect_cols,
             sums: sums.to_vec(),
+            sum_types,
             pairs: false,
         })
     }
@@ -198,8 +201,8 @@ impl EventSpec {
         for (c, t) in &self.collect {
             fields.push(field(c, t.clone(), true));
         }
-        for s in &self.sums {
-            fields.push(field(&sum_input_name(s), DataType::Float64, true));
+        for (s, t) in self.sums.iter().zip(&self.sum_types) {
+            fields.push(field(&sum_input_name(s), t.clone(), true));
         }
         schema_of(fields)
     }
@@ -271,10 +274,33 @@ impl FilePiece {
     }
 }
 
-/// In the normalized layout a summed column is kept as `Float64` under this name, so that
-/// `--collect x --sum x` can keep both the raw and the summed form.
+/// In the normalized layout a summed column is kept as its [`sum_type`] under this name, so
+/// that `--collect x --sum x` can keep both the raw and the summed form.
 pub fn sum_input_name(col: &str) -> String {
     format!("_sum_{col}")
+}
+
+/// The type a `--sum` column of type `dt` is kept, summed and written as; `None` when it
+/// cannot be summed.
+///
+/// Integers up to 32 bits unsigned and 64 bits signed (and booleans, which count their `true`
+/// values) widen to `Int64` without loss, and are summed exactly: `<col>_sum` is a BIGINT.
+/// Floating-point and decimal columns are summed as `Float64` (DOUBLE). `UInt64`, which Delta
+/// tables cannot hold (Delta's integers are signed), stays `Float64` too, since not every value
+/// fits a BIGINT.
+pub fn sum_type(dt: &DataType) -> Option<DataType> {
+    match dt {
+        DataType::Boolean
+        | DataType::Int8
+        | DataType::Int16
+        | DataType::Int32
+        | DataType::Int64
+        | DataType::UInt8
+        | DataType::UInt16
+        | DataType::UInt32 => Some(DataType::Int64),
+        dt if dt.is_numeric() => Some(DataType::Float64),
+        _ => None,
+    }
 }
 
 /// Converts one batch of raw events (as read from one data file) into the normalized layout.
@@ -336,8 +362,8 @@ pub fn normalize(
     for (c, t) in &spec.collect {
         cols.push(get(c, t)?);
     }
-    for s in &spec.sums {
-        cols.push(get(s, &DataType::Float64)?);
+    for (s, t) in spec.sums.iter().zip(&spec.sum_types) {
+        cols.push(get(s, t)?);
     }
     RecordBatch::try_new(schema, cols)
 }

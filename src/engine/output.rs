@@ -13,7 +13,7 @@ use arrow::array::{
 };
 use arrow::buffer::OffsetBuffer;
 use arrow::compute::{filter_record_batch, not, take};
-use arrow::datatypes::{DataType, Field, Fields, Int64Type, SchemaRef, TimeUnit};
+use arrow::datatypes::{DataType, Field, Fields, Float64Type, Int64Type, SchemaRef, TimeUnit};
 use arrow::error::ArrowError;
 
 use super::input::{EventSpec, sum_input_name};
@@ -64,8 +64,8 @@ pub fn sessions_schema(spec: &EventSpec) -> SchemaRef {
     if !spec.collect.is_empty() {
         fs.push(field("visited_pages", pages_type(spec), true));
     }
-    for s in &spec.sums {
-        fs.push(field(&format!("{s}_sum"), DataType::Float64, true));
+    for (s, t) in spec.sums.iter().zip(&spec.sum_types) {
+        fs.push(field(&format!("{s}_sum"), t.clone(), true));
     }
     fs.push(field("close_reason", DataType::Utf8, true));
     schema_of(fs)
@@ -81,8 +81,8 @@ pub fn live_schema(spec: &EventSpec) -> SchemaRef {
     fs.push(field("start_time", ts_type(), true));
     fs.push(field("end_time", ts_type(), true));
     fs.push(field("event_count", DataType::Int64, true));
-    for s in &spec.sums {
-        fs.push(field(&format!("{s}_sum"), DataType::Float64, true));
+    for (s, t) in spec.sums.iter().zip(&spec.sum_types) {
+        fs.push(field(&format!("{s}_sum"), t.clone(), true));
     }
     fs.push(field("status", DataType::Utf8, true));
     schema_of(fs)
@@ -265,21 +265,11 @@ fn gather(
     for s in &spec.sums {
         let col = sorted
             .column_by_name(&sum_input_name(s))
-            .expect("sum column")
-            .as_primitive::<arrow::datatypes::Float64Type>();
-        let arr: Float64Array = spans
-            .iter()
-            .map(|sp| {
-                let mut acc: Option<f64> = None;
-                for i in sp.start..sp.end {
-                    if col.is_valid(i) {
-                        *acc.get_or_insert(0.0) += col.value(i);
-                    }
-                }
-                acc
-            })
-            .collect();
-        sums.push(Arc::new(arr));
+            .expect("sum column");
+        sums.push(match col.data_type() {
+            DataType::Int64 => Arc::new(int_sums(col.as_primitive::<Int64Type>(), spans)),
+            _ => Arc::new(float_sums(col.as_primitive::<Float64Type>(), spans)),
+        });
     }
     Ok(Gathered {
         keys,
@@ -289,6 +279,43 @@ fn gather(
         count,
         sums,
     })
+}
+
+/// Per span, the sum of the valid values; null when there are none.
+fn float_sums(col: &Float64Array, spans: &[&SessionSpan]) -> Float64Array {
+    spans
+        .iter()
+        .map(|sp| {
+            let mut acc: Option<f64> = None;
+            for i in sp.start..sp.end {
+                if col.is_valid(i) {
+                    *acc.get_or_insert(0.0) += col.value(i);
+                }
+            }
+            acc
+        })
+        .collect()
+}
+
+/// Per span, the exact sum of the valid values; null when there are none, and null when the
+/// sum does not fit 64 bits (it never wraps around). The sum is taken in 128 bits, so only
+/// the total decides, not the order in which the values are added.
+fn int_sums(col: &Int64Array, spans: &[&SessionSpan]) -> Int64Array {
+    let values = col.values();
+    spans
+        .iter()
+        .map(|sp| {
+            let range = sp.start..sp.end;
+            let total: i128 = if col.null_count() == 0 {
+                values[range].iter().map(|&v| i128::from(v)).sum()
+            } else {
+                let mut valid = range.filter(|&i| col.is_valid(i)).peekable();
+                valid.peek()?;
+                valid.map(|i| i128::from(values[i])).sum()
+            };
+            i64::try_from(total).ok()
+        })
+        .collect()
 }
 
 /// The closed sessions of one step, in the sessions-table schema.

@@ -460,17 +460,146 @@ fn sums_add_up_per_session_and_ignore_nulls() {
         .closed()
         .column_by_name("win_sum")
         .unwrap()
-        .as_any()
-        .downcast_ref::<Float64Array>()
-        .unwrap()
+        .as_primitive::<Int64Type>()
         .clone();
     let closed = out.closed();
     let keys = closed.column_by_name("k").unwrap().as_string::<i32>();
-    let by_key: BTreeMap<&str, Option<f64>> = (0..2)
+    let by_key: BTreeMap<&str, Option<i64>> = (0..2)
         .map(|i| (keys.value(i), sums.is_valid(i).then(|| sums.value(i))))
         .collect();
-    assert_eq!(by_key["a"], Some(3.0));
+    assert_eq!(
+        by_key["a"],
+        Some(3),
+        "an integer column sums to an exact BIGINT"
+    );
     assert_eq!(by_key["b"], None);
+}
+
+/// A spec over `(k BIGINT, t epoch ms, amount, ratio DOUBLE, flag BOOLEAN)` summing the last
+/// three; `amount` has type `amount_type`.
+fn sum_spec(amount_type: DataType) -> (Arc<Schema>, EventSpec) {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("k", DataType::Int64, true),
+        Field::new("t", DataType::Int64, true),
+        Field::new("amount", amount_type, true),
+        Field::new("ratio", DataType::Float64, true),
+        Field::new("flag", DataType::Boolean, true),
+    ]));
+    let sums = ["amount".to_string(), "ratio".into(), "flag".into()];
+    let spec = EventSpec::resolve(&schema, &["k".into()], "t", &[], &sums).unwrap();
+    (schema, spec)
+}
+
+#[test]
+fn integers_and_booleans_sum_as_bigint_floats_as_double() {
+    for (amount, kept) in [
+        (DataType::Int8, DataType::Int64),
+        (DataType::Int32, DataType::Int64),
+        (DataType::Int64, DataType::Int64),
+        (DataType::UInt32, DataType::Int64),
+        (DataType::UInt64, DataType::Float64),
+        (DataType::Float32, DataType::Float64),
+        (DataType::Decimal128(12, 2), DataType::Float64),
+    ] {
+        let (_, spec) = sum_spec(amount.clone());
+        assert_eq!(
+            spec.sum_types,
+            [kept.clone(), DataType::Float64, DataType::Int64],
+            "{amount}"
+        );
+        let normalized = spec.normalized_schema();
+        assert_eq!(
+            normalized
+                .field_with_name("_sum_amount")
+                .unwrap()
+                .data_type(),
+            &kept
+        );
+        for schema in [sessions_schema(&spec), live_schema(&spec)] {
+            let f = |n: &str| schema.field_with_name(n).unwrap().data_type().clone();
+            assert_eq!(
+                [f("amount_sum"), f("ratio_sum"), f("flag_sum")],
+                [kept.clone(), DataType::Float64, DataType::Int64]
+            );
+        }
+    }
+    let schema = Schema::new(vec![Field::new("s", DataType::Utf8, true)]);
+    let err = EventSpec::resolve(&schema, &["s".into()], "s", &[], &["s".into()]);
+    assert!(err.is_err());
+}
+
+#[test]
+fn integer_sums_are_exact_and_null_when_they_leave_the_bigint_range() {
+    let (schema, spec) = sum_spec(DataType::Int64);
+    // Keys 1..=4, one session each. 2^53 + 1 is the first integer a double cannot hold.
+    let rows: [(i64, Option<i64>); 9] = [
+        (1, Some((1 << 53) + 1)),
+        (1, Some(1)),
+        (2, Some(i64::MAX)),
+        (2, Some(1)),
+        (3, Some(i64::MAX)),
+        (3, Some(1)),
+        (3, Some(-2)), // back in range: the total decides, not the order of additions
+        (4, Some(i64::MIN)),
+        (4, None),
+    ];
+    let raw = RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
+            Arc::new(Int64Array::from_iter_values(
+                (0..rows.len() as i64).map(|i| i * 1000),
+            )),
+            Arc::new(Int64Array::from(
+                rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+            )),
+            Arc::new(Float64Array::from(vec![0.5; rows.len()])),
+            Arc::new(BooleanArray::from(
+                (0..rows.len()).map(|i| i % 2 == 0).collect::<Vec<_>>(),
+            )),
+        ],
+    )
+    .unwrap();
+    let norm = normalize(&spec, &raw, 1, 0, 0, Markers::default()).unwrap();
+    let e = Engine::new(
+        spec,
+        SessionRules {
+            gap_us: MIN,
+            delay_us: 0,
+            max_duration_us: None,
+            pair_timeout_us: 0,
+        },
+    );
+    let out = e.step(&empty_of(&e), &[norm], None, true).unwrap();
+    let closed = out.closed();
+    let col = |n: &str| closed.column_by_name(n).unwrap().clone();
+    let (keys, amount, flags) = (col("k"), col("amount_sum"), col("flag_sum"));
+    let (keys, amount, flags) = (
+        keys.as_primitive::<Int64Type>(),
+        amount.as_primitive::<Int64Type>(),
+        flags.as_primitive::<Int64Type>(),
+    );
+    let got: BTreeMap<i64, (Option<i64>, i64)> = (0..closed.num_rows())
+        .map(|i| {
+            (
+                keys.value(i),
+                (amount.is_valid(i).then(|| amount.value(i)), flags.value(i)),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        BTreeMap::from([
+            (1, (Some((1 << 53) + 2), 1)),
+            (2, (None, 1)),
+            (3, (Some(i64::MAX - 1), 2)),
+            (4, (Some(i64::MIN), 1)),
+        ])
+    );
+}
+
+fn empty_of(e: &Engine) -> RecordBatch {
+    RecordBatch::new_empty(e.spec.normalized_schema())
 }
 
 #[test]
@@ -796,6 +925,130 @@ proptest! {
             }
         }
         prop_assert_eq!(&batch, &oracle(&flat, gap_min * MIN, max_min.map(|m| m * MIN)));
+    }
+}
+
+/// Closed sessions reduced to `(key, start, count, amount_sum)`.
+fn amount_sums(batch: &RecordBatch) -> Vec<(i64, i64, i64, Option<i64>)> {
+    let col = |n: &str| batch.column_by_name(n).unwrap().clone();
+    let (k, start, count, sum) = (
+        col("k"),
+        col("start_time"),
+        col("event_count"),
+        col("amount_sum"),
+    );
+    let k = k.as_primitive::<Int64Type>();
+    let start = start.as_primitive::<TimestampMicrosecondType>();
+    let count = count.as_primitive::<Int64Type>();
+    let sum = sum.as_primitive::<Int64Type>();
+    let mut out: Vec<_> = (0..batch.num_rows())
+        .map(|i| {
+            (
+                k.value(i),
+                start.value(i),
+                count.value(i),
+                sum.is_valid(i).then(|| sum.value(i)),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// Integer sums through the pending state: incremental runs then a flush give the exact
+    /// sums of one batch run, which equal the oracle's (null past the BIGINT range).
+    #[test]
+    fn integer_sums_are_exact_across_runs(
+        raw in prop::collection::vec(
+            (
+                0i64..3,
+                0i64..240,
+                prop_oneof![
+                    (-1000i64..1000).prop_map(Some),
+                    (i64::MAX / 2 - 10..i64::MAX / 2 + 10).prop_map(Some),
+                    (i64::MIN / 2 - 10..i64::MIN / 2 + 10).prop_map(Some),
+                    Just(None),
+                ],
+            ),
+            1..60,
+        ),
+        cuts in prop::collection::vec(0usize..60, 0..8),
+    ) {
+        let (schema, spec) = sum_spec(DataType::Int64);
+        let gap = 10 * MIN;
+        let e = Engine::new(
+            spec.clone(),
+            SessionRules { gap_us: gap, delay_us: 15 * MIN, max_duration_us: None, pair_timeout_us: 0 },
+        );
+        // Arrival in time order, so nothing is late; times in epoch milliseconds.
+        let mut evs: Vec<(i64, i64, Option<i64>)> =
+            raw.iter().map(|&(k, m, a)| (k, m * 60_000 + k, a)).collect();
+        evs.sort_by_key(|e| e.1);
+        let mut bounds: Vec<usize> = cuts.into_iter().map(|c| c.min(evs.len())).collect();
+        bounds.extend([0, evs.len()]);
+        bounds.sort();
+        bounds.dedup();
+        let commits: Vec<RecordBatch> = bounds
+            .windows(2)
+            .enumerate()
+            .map(|(v, w)| {
+                let part = &evs[w[0]..w[1]];
+                let raw = RecordBatch::try_new(
+                    schema.clone(),
+                    vec![
+                        Arc::new(Int64Array::from_iter_values(part.iter().map(|r| r.0))),
+                        Arc::new(Int64Array::from_iter_values(part.iter().map(|r| r.1))),
+                        Arc::new(Int64Array::from(part.iter().map(|r| r.2).collect::<Vec<_>>())),
+                        Arc::new(Float64Array::from(vec![1.0; part.len()])),
+                        Arc::new(BooleanArray::from(vec![true; part.len()])),
+                    ],
+                )
+                .unwrap();
+                normalize(&spec, &raw, v as i64, 0, 0, Markers::default()).unwrap()
+            })
+            .collect();
+        let (mut pending, mut wm, mut closed) = (empty_of(&e), None, Vec::new());
+        for c in &commits {
+            let out = e.step(&pending, std::slice::from_ref(c), wm, false).unwrap();
+            prop_assert_eq!(out.metrics.rows_late, 0);
+            closed.extend(amount_sums(&out.closed()));
+            pending = out.pending;
+            wm = out.watermark;
+        }
+        closed.extend(amount_sums(&e.step(&pending, &[], wm, true).unwrap().closed()));
+        closed.sort();
+        let batch = amount_sums(&e.step(&empty_of(&e), &commits, None, true).unwrap().closed());
+        prop_assert_eq!(&closed, &batch);
+
+        // The oracle: cut each key's events at gaps, add the amounts in 128 bits.
+        let mut by_key: BTreeMap<i64, Vec<(i64, Option<i64>)>> = BTreeMap::new();
+        for &(k, t, a) in &evs {
+            by_key.entry(k).or_default().push((t * 1000, a));
+        }
+        let mut oracle = Vec::new();
+        for (k, evs) in by_key {
+            let mut cur: Vec<(i64, Option<i64>)> = Vec::new();
+            let mut emit = |cur: &[(i64, Option<i64>)]| {
+                let valid: Vec<i128> = cur.iter().filter_map(|e| e.1.map(i128::from)).collect();
+                let sum = (!valid.is_empty())
+                    .then(|| i64::try_from(valid.iter().sum::<i128>()).ok())
+                    .flatten();
+                oracle.push((k, cur[0].0, cur.len() as i64, sum));
+            };
+            for ev in evs {
+                if cur.last().is_some_and(|last| ev.0 - last.0 > gap) {
+                    emit(&cur);
+                    cur.clear();
+                }
+                cur.push(ev);
+            }
+            emit(&cur);
+        }
+        oracle.sort();
+        prop_assert_eq!(&batch, &oracle);
     }
 }
 

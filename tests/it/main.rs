@@ -12,6 +12,7 @@ mod models;
 mod ops;
 mod real_tables;
 mod s3;
+mod safety;
 mod source_commits;
 mod util;
 mod walkthrough;

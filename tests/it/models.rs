@@ -418,10 +418,114 @@ fn collect_and_sum_choose_what_each_session_keeps() {
     assert_eq!(
         rows,
         vec![
-            "[{price: 2.5, qty: 1, visit_time_ms: 1771149600000}, {price: 4.0, qty: 3, visit_time_ms: 1771149900000}] | 6.5 | 4.0"
+            "[{price: 2.5, qty: 1, visit_time_ms: 1771149600000}, {price: 4.0, qty: 3, visit_time_ms: 1771149900000}] | 6.5 | 4"
         ]
     );
     assert!(!columns(&base.table("sessions")).contains(&"page".to_string()));
+}
+
+/// Appends `(user, time, amount, ratio, small)` rows: an exact BIGINT, a DOUBLE and an INT.
+fn append_amounts(base: &Base, rows: &[(i64, &str, i64, f64, i32)]) {
+    append(
+        &base.table("events"),
+        vec![
+            (
+                "user_id",
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))) as ArrayRef,
+            ),
+            ("visit_time", ts_utc(rows.iter().map(|r| t(r.1)).collect())),
+            (
+                "amount",
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.2))),
+            ),
+            (
+                "ratio",
+                Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.3))),
+            ),
+            (
+                "small",
+                Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.4))),
+            ),
+        ],
+    );
+}
+
+#[test]
+fn integer_sums_are_exact_bigints_across_runs_and_overflow_is_null() {
+    let base = Base::new();
+    let flags = &["--sum", "amount,ratio,small"];
+    // 2^53 + 1 is the first integer a double cannot hold.
+    append_amounts(
+        &base,
+        &[
+            (1, "10:00", (1 << 53) + 1, 0.5, 1),
+            (2, "10:00", i64::MAX, 0.25, 2),
+        ],
+    );
+    with(&base, flags, &[]);
+    // The pending state carries the integers to the next run.
+    append_amounts(&base, &[(1, "10:05", 1, 1.0, 2), (2, "10:05", 1, 0.25, 3)]);
+    with(&base, flags, &["--flush"]);
+    let types = sql(
+        &base.table("sessions"),
+        "SELECT arrow_typeof(amount_sum), arrow_typeof(ratio_sum), arrow_typeof(small_sum) FROM t LIMIT 1",
+    );
+    assert_eq!(types, ["Int64 | Float64 | Int64"]);
+    let rows = sql(
+        &base.table("sessions"),
+        "SELECT user_id, amount_sum, ratio_sum, small_sum FROM t",
+    );
+    assert_eq!(
+        rows,
+        ["1 | 9007199254740994 | 1.5 | 3", "2 | null | 0.5 | 5"],
+        "exact, and a sum past the BIGINT range is null, never wrapped"
+    );
+    let live = sql(
+        &base.table("live_sessions"),
+        "SELECT user_id, amount_sum, arrow_typeof(amount_sum), small_sum FROM t",
+    );
+    assert_eq!(
+        live,
+        ["1 | 9007199254740994 | Int64 | 3", "2 | null | Int64 | 5"]
+    );
+}
+
+#[test]
+fn a_checkpoint_that_kept_integer_sums_as_doubles_is_refused_with_the_fix() {
+    // What a checkpoint written before integer sums were exact looks like: no `sum_types`.
+    let forget_sum_types = |base: &Base| {
+        let file = base.table("checkpoint/_sessionizer/checkpoint.json");
+        let mut id: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        id.as_object_mut().unwrap().remove("sum_types");
+        std::fs::write(&file, serde_json::to_string_pretty(&id).unwrap()).unwrap();
+    };
+    let old = Base::new();
+    append_amounts(&old, &[(1, "10:00", 5, 0.5, 1)]);
+    with(&old, &["--sum", "amount"], &[]);
+    forget_sum_types(&old);
+    append_amounts(&old, &[(1, "10:05", 5, 0.5, 1)]);
+    let before = output_versions(&old);
+    let out = old.run(&["sessionize", "--sum", "amount"]);
+    assert_eq!(out.code(), 2, "{}", out.stderr());
+    let err = out.stderr();
+    assert!(
+        err.contains("keeps the summed columns `amount` as `Float64`")
+            && err.contains("sums them as `Int64`")
+            && err.contains("new --checkpoint location"),
+        "{err}"
+    );
+    assert_eq!(output_versions(&old), before, "nothing written");
+
+    // Summed doubles were kept as doubles before too: such a checkpoint carries on.
+    let doubles = Base::new();
+    append_amounts(&doubles, &[(1, "10:00", 5, 0.5, 1)]);
+    with(&doubles, &["--sum", "ratio"], &[]);
+    forget_sum_types(&doubles);
+    append_amounts(&doubles, &[(1, "10:05", 5, 0.25, 1)]);
+    with(&doubles, &["--sum", "ratio"], &["--flush"]);
+    let rows = sql(&doubles.table("sessions"), "SELECT ratio_sum FROM t");
+    assert_eq!(rows, ["0.75"]);
 }
 
 #[test]
@@ -549,7 +653,8 @@ fn every_scenario_runs_in_the_generator_and_the_demo() {
         let closed = sql(&base.table("sessions"), "SELECT count(*) FROM t");
         assert_ne!(closed, vec!["0"], "{name} closed sessions");
 
-        let demo = base.ok(&["demo", "--scenario", name]);
+        // The demo on its own base: it refuses tables it did not create.
+        let demo = Base::new().ok(&["demo", "--scenario", name]);
         assert!(
             demo.stdout().contains("=== step 3"),
             "{name}: {}",
