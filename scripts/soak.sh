@@ -48,7 +48,8 @@
 #      events table sessionized by one uninterrupted run with the same flags, then --flush.
 #      This comparison is valid although the batches differ: with nothing late, "everything
 #      closed plus --flush equals one batch sessionization of all events" (README rule 6), and
-#      session ids are a hash of key and start time. The close reasons agree too: both sides end
+#      session ids are a hash of key, start time and first event's position (version, file,
+#      row), which the copy keeps. The close reasons agree too: both sides end
 #      at the same watermark, a session the watermark closed on one side is closed by it on the
 #      other, and `flush` marks exactly those it would not have closed. Live rows: every key's
 #      last session, offline after the flush, on both sides.

@@ -194,6 +194,12 @@ pub struct Progress {
     pub watermark_us: Option<i64>,
     pub sessions_pending: u64,
     pub committed_at: Option<String>,
+    /// The largest event time ever folded (microseconds), and the commit time
+    /// (milliseconds) of the events version it came in: what the event-time guard measured.
+    #[serde(default)]
+    pub max_event_us: Option<i64>,
+    #[serde(default)]
+    pub max_event_committed_ms: Option<i64>,
 }
 
 /// The plan of one batch: recorded once, before any output of the batch is written.

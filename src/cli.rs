@@ -218,6 +218,14 @@ pub struct SessionizeArgs {
     /// Take over a lock left by another run even if it has not expired.
     #[arg(long)]
     pub break_lock: bool,
+    /// Warn when one session still open holds more events than this (a key that is never
+    /// idle grows the pending state that every batch re-reads and rewrites).
+    #[arg(
+        long,
+        env = "SESSIONIZER_WARN_OPEN_SESSION_EVENTS",
+        default_value_t = 100_000
+    )]
+    pub warn_open_session_events: u64,
 }
 
 #[derive(Debug, Clone, Args)]

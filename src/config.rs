@@ -434,6 +434,7 @@ pub struct Settings {
     pub starting_version: Option<u64>,
     pub starting_timestamp: Option<chrono::DateTime<chrono::Utc>>,
     pub break_lock: bool,
+    pub warn_open_session_events: u64,
 }
 
 impl Settings {

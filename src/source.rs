@@ -428,6 +428,8 @@ pub struct EventParts {
     pub buckets: Vec<Vec<FilePiece>>,
     /// The latest event time read, in microseconds (of the rows kept).
     pub max_time: Option<i64>,
+    /// The commit time (milliseconds) of the version that brought `max_time`.
+    pub max_time_committed_ms: Option<i64>,
     /// Rows the event-time guard took out (`future`, `bad_time`), in the rejected-rows layout.
     pub rejected: Vec<RecordBatch>,
 }
@@ -463,6 +465,11 @@ pub async fn read_events(
                 .map(move |(i, f)| (v.version, i as i32, f.clone(), latest))
         })
         .collect();
+    let committed: HashMap<u64, Option<i64>> = versions
+        .iter()
+        .map(|v| (v.version, v.committed_ms))
+        .collect();
+    let job_versions: Vec<u64> = jobs.iter().map(|j| j.0).collect();
     let parallel = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
     let mut files = futures::stream::iter(jobs.into_iter().map(|(v, i, f, latest)| {
         let (store, spec, plan) = (store.clone(), spec.clone(), plan.clone());
@@ -474,9 +481,14 @@ pub async fn read_events(
         ..Default::default()
     };
     // Files are taken in job order, so each bucket's pieces stay in read order.
+    let mut job = 0;
     while let Some(file) = files.next().await {
         let file = file.map_err(|e| Error::Source(format!("a file reader task failed: {e}")))??;
-        parts.max_time = parts.max_time.max(file.max_time);
+        if file.max_time > parts.max_time {
+            parts.max_time = file.max_time;
+            parts.max_time_committed_ms = committed.get(&job_versions[job]).copied().flatten();
+        }
+        job += 1;
         parts.rejected.extend(file.rejected);
         for (bucket, pieces) in parts.buckets.iter_mut().zip(file.buckets) {
             bucket.extend(pieces.into_iter().filter(|p| p.rows.num_rows() > 0));

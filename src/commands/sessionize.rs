@@ -174,6 +174,7 @@ impl SessionizeArgs {
             starting_version: self.starting_version,
             starting_timestamp: self.starting_timestamp,
             break_lock: self.break_lock,
+            warn_open_session_events: self.warn_open_session_events,
         };
         s.validate().map_err(Error::Usage)?;
         Ok(s)
@@ -716,6 +717,7 @@ impl Batch<'_> {
             .job
             .engine
             .watermark_after(self.progress.watermark_us, new_events.max_time);
+        let max_event = (new_events.max_time, new_events.max_time_committed_ms);
         let out = self
             .fold(
                 open_events,
@@ -740,8 +742,15 @@ impl Batch<'_> {
         report.live_rows_upserted = self
             .write_outputs(adds, &out, done, &tag, &mut report.phases)
             .await?;
-        self.record(out, &planned.plan, new_watermark, &tag, &mut report)
-            .await?;
+        self.record(
+            out,
+            &planned.plan,
+            new_watermark,
+            max_event,
+            &tag,
+            &mut report,
+        )
+        .await?;
         Ok(report)
     }
 
@@ -809,6 +818,16 @@ impl Batch<'_> {
         )
         .await?;
         fold::add_read_rejects(&mut out, read_rejects)?;
+        if out.metrics.largest_open > self.settings().warn_open_session_events {
+            tracing::warn!(
+                events = out.metrics.largest_open,
+                "one key holds {} events in a session still open (a key never idle for --gap: a \
+                 bot, an anonymous id?); every batch re-reads and rewrites them. `sessionizer \
+                 status` lists the keys holding the most pending events; --max-duration bounds \
+                 how long a session can grow",
+                out.metrics.largest_open
+            );
+        }
         tracing::debug!(
             buckets,
             threads,
@@ -859,20 +878,31 @@ impl Batch<'_> {
 
     /// Stage 6: the pending state and the progress, in one commit against the state version
     /// this run read.
+    #[allow(clippy::too_many_arguments)]
     async fn record(
         &mut self,
         out: fold::Folded,
         plan: &Plan,
         new_watermark: Option<i64>,
+        max_event: (Option<i64>, Option<i64>),
         tag: &BatchTag,
         report: &mut BatchReport,
     ) -> Result<()> {
+        let (max_event_us, max_event_committed_ms) = match max_event {
+            (Some(t), ms) if Some(t) > self.progress.max_event_us => (Some(t), ms),
+            _ => (
+                self.progress.max_event_us,
+                self.progress.max_event_committed_ms,
+            ),
+        };
         let progress = Progress {
             seq: plan.seq,
             last_version: plan.versions.map(|(_, b)| b).or(self.progress.last_version),
             watermark_us: new_watermark,
             sessions_pending: out.metrics.sessions_pending,
             committed_at: Some(Utc::now().to_rfc3339()),
+            max_event_us,
+            max_event_committed_ms,
         };
         let state = self.state.take();
         self.state = Some(

@@ -40,6 +40,68 @@ pub struct Status {
     pub batches_committed: i64,
     pub last_run_at: Option<String>,
     pub lock: Option<String>,
+    /// The largest event time ever folded, and when the events version that brought it was
+    /// committed (what the event-time guard, `--max-event-skew`, measures against).
+    pub max_event_time_seen: Option<String>,
+    pub max_event_committed_at: Option<String>,
+    /// The keys holding the most pending events: a key that is never idle keeps growing its
+    /// open session, which every batch re-reads and rewrites.
+    pub largest_pending_keys: Vec<PendingKey>,
+}
+
+/// One key of the pending state and its events.
+#[derive(Debug, Serialize)]
+pub struct PendingKey {
+    /// The key's values, comma-separated.
+    pub key: String,
+    pub events: u64,
+    pub first_event: Option<String>,
+    pub last_event: Option<String>,
+}
+
+/// How many keys `status` lists under `largest_pending_keys`.
+const TOP_PENDING_KEYS: usize = 5;
+
+/// The keys of the pending state with the most events, most first.
+async fn largest_pending_keys(
+    state: &deltalake::DeltaTable,
+    keys: &[String],
+) -> Result<Vec<PendingKey>> {
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::Int64Type;
+    let ctx = datafusion::prelude::SessionContext::new();
+    ctx.register_table("pending", state.table_provider().await?)?;
+    let q = |c: &str| format!("\"{}\"", c.replace('"', "\"\""));
+    let cols = keys.iter().map(|k| q(k)).collect::<Vec<_>>().join(", ");
+    let key = keys
+        .iter()
+        .map(|k| format!("CAST({} AS VARCHAR)", q(k)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "SELECT concat_ws(',', {key}) AS key, count(*) AS events, min(_time_us) AS first, \
+         max(_time_us) AS last FROM pending GROUP BY {cols} ORDER BY events DESC, key \
+         LIMIT {TOP_PENDING_KEYS}"
+    );
+    let mut out = Vec::new();
+    for b in ctx.sql(&sql).await?.collect().await? {
+        let key = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8)?;
+        let key = key.as_string::<i32>();
+        let events = b.column(1).as_primitive::<Int64Type>();
+        let first = b.column(2).as_primitive::<Int64Type>();
+        let last = b.column(3).as_primitive::<Int64Type>();
+        for i in 0..b.num_rows() {
+            let t =
+                |a: &arrow::array::Int64Array| (!a.is_null(i)).then(|| format_micros(a.value(i)));
+            out.push(PendingKey {
+                key: key.value(i).to_string(),
+                events: events.value(i) as u64,
+                first_event: t(first),
+                last_event: t(last),
+            });
+        }
+    }
+    Ok(out)
 }
 
 pub async fn status(args: &StatusArgs) -> Result<Status> {
@@ -83,6 +145,17 @@ pub async fn status(args: &StatusArgs) -> Result<Status> {
         batches_committed: progress.seq,
         last_run_at: progress.committed_at,
         lock: cp.lock_holder().await?,
+        max_event_time_seen: progress.max_event_us.map(format_micros),
+        max_event_committed_at: progress
+            .max_event_committed_ms
+            .and_then(DateTime::<Utc>::from_timestamp_millis)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)),
+        largest_pending_keys: match &state {
+            Some(t) if progress.sessions_pending > 0 => {
+                largest_pending_keys(t, &identity.keys).await?
+            }
+            _ => Vec::new(),
+        },
     })
 }
 
@@ -153,9 +226,24 @@ pub async fn command(args: &StatusArgs, out: &mut dyn Write) -> Result<()> {
                 ("batches committed", s.batches_committed.to_string()),
                 ("last run at", o(&s.last_run_at)),
                 ("lock", s.lock.clone().unwrap_or_else(|| "free".into())),
+                ("max event time seen", o(&s.max_event_time_seen)),
+                ("  committed at", o(&s.max_event_committed_at)),
             ];
             for (name, value) in rows {
                 writeln!(out, "{:<27}{value}", format!("{name}:"))?;
+            }
+            if !s.largest_pending_keys.is_empty() {
+                writeln!(out, "largest pending keys:")?;
+                for k in &s.largest_pending_keys {
+                    writeln!(
+                        out,
+                        "  {:<25}{} events, {} .. {}",
+                        k.key,
+                        k.events,
+                        o(&k.first_event),
+                        o(&k.last_event)
+                    )?;
+                }
             }
         }
     }

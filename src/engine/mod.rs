@@ -21,8 +21,7 @@ mod pairs;
 mod rules;
 
 pub use input::{
-    EventSpec, FilePiece, Markers, SpecError, TimeKind, normalize, screen, sum_input_name,
-    sum_type,
+    EventSpec, FilePiece, Markers, SpecError, TimeKind, normalize, screen, sum_input_name, sum_type,
 };
 pub use output::{live_schema, rejected_schema, session_id, sessions_schema};
 pub use pairs::PairStatus;
@@ -63,6 +62,9 @@ pub struct StepMetrics {
     pub rows_invalid: u64,
     pub sessions_closed: u64,
     pub sessions_pending: u64,
+    /// Events in the largest session still open: a key that is never idle for a gap (a bot,
+    /// an anonymous id) keeps growing it, and every batch re-reads and rewrites it.
+    pub largest_open: u64,
 }
 
 impl std::ops::AddAssign for StepMetrics {
@@ -73,6 +75,7 @@ impl std::ops::AddAssign for StepMetrics {
         self.rows_invalid += other.rows_invalid;
         self.sessions_closed += other.sessions_closed;
         self.sessions_pending += other.sessions_pending;
+        self.largest_open = self.largest_open.max(other.largest_open);
     }
 }
 
@@ -271,11 +274,13 @@ impl Engine {
                 live,
                 pending,
                 open_count: parts.iter().map(|p| p.open_count).sum(),
+                largest_open: parts.iter().map(|p| p.largest_open).max().unwrap_or(0),
                 closed: parts.into_iter().flat_map(|p| p.closed).collect(),
             }
         };
         metrics.sessions_closed = folded.closed.iter().map(|b| b.num_rows() as u64).sum();
         metrics.sessions_pending = folded.open_count;
+        metrics.largest_open = folded.largest_open;
         Ok(StepOutput {
             closed_parts: folded.closed,
             pending: folded.pending,
@@ -350,6 +355,7 @@ impl Engine {
             live: cut.live,
             pending,
             open_count: cut.open_count,
+            largest_open: cut.largest_open,
         })
     }
 
@@ -398,6 +404,11 @@ impl Engine {
                 .flat_map(|s| (s.start as u32)..(s.end as u32))
                 .collect(),
             open_count: open.len() as u64,
+            largest_open: open
+                .iter()
+                .map(|s| (s.end - s.start) as u64)
+                .max()
+                .unwrap_or(0),
         })
     }
 
@@ -448,6 +459,7 @@ impl Engine {
             live: pairs::live_pairs(&self.spec, sorted, times, &live)?,
             pending_rows,
             open_count,
+            largest_open: 0,
         })
     }
 
@@ -600,6 +612,7 @@ struct Folded {
     live: RecordBatch,
     pending: RecordBatch,
     open_count: u64,
+    largest_open: u64,
 }
 
 /// Batches with fewer rows are folded on one thread.
@@ -713,6 +726,8 @@ struct Cut {
     pending_rows: Vec<u32>,
     /// Sessions (or pairs) still open.
     open_count: u64,
+    /// Events in the largest session still open (0 in pairing mode).
+    largest_open: u64,
 }
 
 pub(crate) fn field(name: &str, dt: DataType, nullable: bool) -> Arc<Field> {

@@ -168,3 +168,55 @@ fn an_unknown_reader_feature_is_refused_before_anything_is_read() {
     assert!(out.stderr().contains("`variantType`"), "{}", out.stderr());
     assert!(!base.table("checkpoint").exists());
 }
+
+#[test]
+fn a_key_that_is_never_idle_is_named_by_status_and_warned_about() {
+    let base = Base::new();
+    // User 7 (a bot) clicks every minute for two hours; the others once.
+    base.ok(&[
+        "generate-rows",
+        "--users",
+        "3",
+        "--per-user",
+        "1",
+        "--at",
+        "2026-02-15T10:00:00Z",
+    ]);
+    for m in (0..120).step_by(20) {
+        let at = format!("2026-02-15T{:02}:{:02}:00Z", 10 + m / 60, m % 60);
+        base.ok(&[
+            "generate-rows",
+            "--users",
+            "1",
+            "--per-user",
+            "20",
+            "--at",
+            &at,
+        ]);
+    }
+    let out = base.ok(&[
+        "sessionize",
+        "--warn-open-session-events",
+        "10",
+        "--gap",
+        "3h",
+    ]);
+    assert!(
+        out.stderr().contains("events in a session still open"),
+        "{}",
+        out.stderr()
+    );
+    let quiet = base.ok(&["sessionize", "--gap", "3h"]);
+    assert!(!quiet.stderr().contains("still open"), "{}", quiet.stderr());
+    let s = base.ok(&["status", "--output", "json"]).json();
+    let keys = s["largest_pending_keys"].as_array().unwrap();
+    assert!(!keys.is_empty(), "{s}");
+    let top = keys[0]["events"].as_u64().unwrap();
+    assert!(top > 20, "the busiest key comes first: {s}");
+    assert!(
+        keys.windows(2)
+            .all(|w| w[0]["events"].as_u64() >= w[1]["events"].as_u64())
+    );
+    assert!(s["max_event_time_seen"].as_str().is_some(), "{s}");
+    assert!(s["max_event_committed_at"].as_str().is_some(), "{s}");
+}
