@@ -2,7 +2,7 @@
 
 # The walkthrough on local tables under /tmp.
 demo:
-    cargo run --release -- demo
+    cargo run -- demo
 
 # The whole test suite.
 test:

@@ -10,6 +10,28 @@ use crate::config::{
     parse_storage_option,
 };
 
+/// Help headings, most used first; the global flags come last.
+const TABLES: &str = "Tables";
+const RULES: &str = "Session rules";
+const BATCHES: &str = "Batches and backfill";
+const OUTPUT: &str = "Output and logs";
+const GLOBAL: &str = "Global";
+
+/// The worked examples that end `sessionize --help`.
+const SESSIONIZE_EXAMPLES: &str = "\
+Examples:
+  # A cron tick (every 5 minutes): read what is new, close sessions, print a JSON summary.
+  sessionizer sessionize --base-dir s3://lake/clicks --output json
+
+  # A backfill from events version 1200, in batches of 200 files, then close what is open.
+  sessionizer sessionize --checkpoint /data/backfill-cp --starting-version 1200 \\
+      --max-files-per-batch 200
+  sessionizer sessionize --checkpoint /data/backfill-cp --flush
+
+  # The wallet job's model: a deposit ends the session, wins are summed.
+  sessionizer sessionize --key session_id --time-column event_time \\
+      --end-when \"action = 'deposit'\" --sum win_amount --watermark-delay 0s";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "sessionizer",
@@ -23,25 +45,27 @@ use crate::config::{
 )]
 pub struct Cli {
     /// More log output on stderr (-v info, -vv debug). RUST_LOG overrides.
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, help_heading = GLOBAL, display_order = 900)]
     pub verbose: u8,
     /// Only errors on stderr, and no progress bar.
-    #[arg(short, long, global = true)]
+    #[arg(short, long, global = true, help_heading = GLOBAL, display_order = 901)]
     pub quiet: bool,
     /// Log format on stderr: text for people, json (one object per line) for log shippers.
     #[arg(
         long,
         global = true,
+        help_heading = GLOBAL,
+        display_order = 902,
         value_enum,
         env = "SESSIONIZER_LOG_FORMAT",
         default_value = "text"
     )]
     pub log_format: LogFormat,
     /// Read flag values from this TOML file (top-level keys, then the `[env.NAME]` section).
-    #[arg(long, global = true, env = "SESSIONIZER_CONFIG")]
+    #[arg(long, global = true, env = "SESSIONIZER_CONFIG", help_heading = GLOBAL, display_order = 903)]
     pub config: Option<std::path::PathBuf>,
     /// The environment section of --config to apply over its top-level keys (dev, test, prod…).
-    #[arg(long = "env", global = true, env = "SESSIONIZER_ENV")]
+    #[arg(long = "env", global = true, env = "SESSIONIZER_ENV", help_heading = GLOBAL, display_order = 904)]
     pub environment: Option<String>,
     #[command(subcommand)]
     pub command: Command,
@@ -56,9 +80,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// One available-now run: read new events, close sessions, write sessions, live and state.
-    #[command(
-        after_help = "Example:\n  sessionizer sessionize --gap 40m --watermark-delay 15m --output json"
-    )]
+    #[command(after_help = SESSIONIZE_EXAMPLES)]
     Sessionize(SessionizeArgs),
     /// Append demo events to the events table in one commit.
     #[command(
@@ -99,6 +121,7 @@ pub enum Command {
 
 /// Where the tables are. Every location defaults to a folder under `--base-dir`.
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = TABLES)]
 pub struct TableArgs {
     /// Folder under which the default table locations live.
     #[arg(long, env = "SESSIONIZER_BASE_DIR", default_value = "/tmp/sessionizer")]
@@ -147,51 +170,51 @@ pub struct SessionizeArgs {
     #[command(flatten)]
     pub tables: TableArgs,
     /// Key column(s), comma-separated for a composite key.
-    #[arg(long, env = "SESSIONIZER_KEY", default_value = "user_id")]
+    #[arg(help_heading = RULES, long, env = "SESSIONIZER_KEY", default_value = "user_id")]
     pub key: String,
     /// Event-time column: timestamp, timestamp_ntz, or integer epoch milliseconds.
-    #[arg(long, env = "SESSIONIZER_TIME_COLUMN", default_value = "visit_time")]
+    #[arg(help_heading = RULES, long, env = "SESSIONIZER_TIME_COLUMN", default_value = "visit_time")]
     pub time_column: String,
     /// Inactivity gap that ends a session (90s, 15m, 2h, 1d).
-    #[arg(long, env = "SESSIONIZER_GAP", default_value = "30m")]
+    #[arg(help_heading = RULES, long, env = "SESSIONIZER_GAP", default_value = "30m")]
     pub gap: Dur,
     /// How far behind the largest event time the watermark trails.
-    #[arg(long, env = "SESSIONIZER_WATERMARK_DELAY", default_value = "15m")]
+    #[arg(help_heading = RULES, long, env = "SESSIONIZER_WATERMARK_DELAY", default_value = "15m")]
     pub watermark_delay: Dur,
     /// Columns kept per event in visited_pages: auto (page if present), none, or COL[,COL…].
-    #[arg(long, env = "SESSIONIZER_COLLECT", default_value = "auto")]
+    #[arg(help_heading = RULES, long, env = "SESSIONIZER_COLLECT", default_value = "auto")]
     pub collect: Collect,
     /// Numeric columns summed per session into <COL>_sum: an exact BIGINT for integer columns
     /// (null if it overflows), a DOUBLE for float and decimal columns.
-    #[arg(long, env = "SESSIONIZER_SUM", value_delimiter = ',')]
+    #[arg(help_heading = RULES, long, env = "SESSIONIZER_SUM", value_delimiter = ',')]
     pub sum: Vec<String>,
     /// sessions (gap-based) or pairs (explicit start and end events).
-    #[arg(long, env = "SESSIONIZER_MODE", value_enum, default_value = "sessions")]
+    #[arg(help_heading = RULES, long, env = "SESSIONIZER_MODE", value_enum, default_value = "sessions")]
     pub mode: Mode,
     /// SQL condition marking an event that ends its session (e.g. "action = 'deposit'").
-    #[arg(long, env = "SESSIONIZER_END_WHEN")]
+    #[arg(help_heading = RULES, long, env = "SESSIONIZER_END_WHEN")]
     pub end_when: Option<String>,
     /// Pairs mode: SQL condition marking a start event.
-    #[arg(long, env = "SESSIONIZER_START_WHEN")]
+    #[arg(help_heading = RULES, long, env = "SESSIONIZER_START_WHEN")]
     pub start_when: Option<String>,
     /// No session spans more than this; an event at or beyond start + max starts a new one.
-    #[arg(long, env = "SESSIONIZER_MAX_DURATION")]
+    #[arg(help_heading = RULES, long, env = "SESSIONIZER_MAX_DURATION")]
     pub max_duration: Option<Dur>,
     /// Pairs mode: an open start with no end after this long is reported missing_end.
-    #[arg(long, env = "SESSIONIZER_PAIR_TIMEOUT", default_value = "1h")]
+    #[arg(help_heading = RULES, long, env = "SESSIONIZER_PAIR_TIMEOUT", default_value = "1h")]
     pub pair_timeout: Dur,
     /// Events more than this after the commit that added them are invalid (reason `future`)
     /// and never move the watermark; `none` turns the guard off.
-    #[arg(long, env = "SESSIONIZER_MAX_EVENT_SKEW", default_value = "1d")]
+    #[arg(help_heading = RULES, long, env = "SESSIONIZER_MAX_EVENT_SKEW", default_value = "1d")]
     pub max_event_skew: Skew,
     /// Close every pending session now (end of a backfill, end of a day).
-    #[arg(long, env = "SESSIONIZER_FLUSH")]
+    #[arg(help_heading = BATCHES, long, env = "SESSIONIZER_FLUSH")]
     pub flush: bool,
     /// Summary format; json prints one object on stdout.
-    #[arg(long, env = "SESSIONIZER_OUTPUT", value_enum, default_value = "text")]
+    #[arg(help_heading = OUTPUT, long, env = "SESSIONIZER_OUTPUT", value_enum, default_value = "text")]
     pub output: OutputFormat,
     /// What to do with source commits that remove data (DELETE, UPDATE, MERGE, overwrite).
-    #[arg(
+    #[arg(help_heading = BATCHES,
         long,
         env = "SESSIONIZER_ON_CHANGE_COMMIT",
         value_enum,
@@ -199,28 +222,28 @@ pub struct SessionizeArgs {
     )]
     pub on_change_commit: OnChangeCommit,
     /// Cut a backlog into batches of at most this many data files (at version boundaries).
-    #[arg(long, env = "SESSIONIZER_MAX_FILES_PER_BATCH", default_value_t = 1000)]
+    #[arg(help_heading = BATCHES, long, env = "SESSIONIZER_MAX_FILES_PER_BATCH", default_value_t = 1000)]
     pub max_files_per_batch: usize,
     /// Cut a backlog into batches of at most this many bytes of data files (512MiB, 2GiB).
-    #[arg(long, env = "SESSIONIZER_MAX_BYTES_PER_BATCH")]
+    #[arg(help_heading = BATCHES, long, env = "SESSIONIZER_MAX_BYTES_PER_BATCH")]
     pub max_bytes_per_batch: Option<ByteSize>,
     /// Fold a batch in key buckets of about this many bytes of data files each, on every core.
     /// Smaller buckets hold less memory at once; the sessions are the same for any size.
-    #[arg(long, env = "SESSIONIZER_BUCKET_SIZE", default_value = "4MiB")]
+    #[arg(help_heading = BATCHES, long, env = "SESSIONIZER_BUCKET_SIZE", default_value = "4MiB")]
     pub bucket_size: ByteSize,
     /// For a new checkpoint only: the first events version to read.
-    #[arg(long, env = "SESSIONIZER_STARTING_VERSION")]
+    #[arg(help_heading = BATCHES, long, env = "SESSIONIZER_STARTING_VERSION")]
     pub starting_version: Option<u64>,
     /// For a new checkpoint only: start at the first events version committed at or after this
     /// time (RFC 3339).
-    #[arg(long, env = "SESSIONIZER_STARTING_TIMESTAMP")]
+    #[arg(help_heading = BATCHES, long, env = "SESSIONIZER_STARTING_TIMESTAMP")]
     pub starting_timestamp: Option<chrono::DateTime<chrono::Utc>>,
     /// Take over a lock left by another run even if it has not expired.
-    #[arg(long)]
+    #[arg(help_heading = BATCHES, long)]
     pub break_lock: bool,
     /// Warn when one session still open holds more events than this (a key that is never
     /// idle grows the pending state that every batch re-reads and rewrites).
-    #[arg(
+    #[arg(help_heading = OUTPUT,
         long,
         env = "SESSIONIZER_WARN_OPEN_SESSION_EVENTS",
         default_value_t = 100_000

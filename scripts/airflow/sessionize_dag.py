@@ -1,35 +1,89 @@
 """Airflow DAG: run `sessionizer sessionize` every few minutes.
 
-Copy this file into your DAGs folder and set the Airflow Variables (or edit the defaults):
+Works on Airflow 3.x (task SDK imports, no deprecation warnings) and on Airflow 2.10 (the
+2.x imports are the fallback). `scripts/airflow/try-dag.sh --airflow 3|2` installs a pinned
+Airflow in a virtualenv and runs this DAG under `airflow dags test` against generated tables.
 
-    sessionizer_bin        path of the binary           (default: sessionizer on PATH)
-    sessionizer_config     --config TOML file           (default: /etc/sessionizer/sessionizer.toml)
-    sessionizer_env        --env section of that file   (default: prod)
-    sessionizer_every_min  schedule, in minutes         (default: 10)
+Settings, read inside the task when it runs (Airflow Variables; never at parse time):
 
-Exit codes of sessionizer (README, "Exit codes"):
+    sessionizer_bin        path of the binary                       (default: sessionizer on PATH)
+    sessionizer_config     --config TOML file; empty: no --config   (default: /etc/sessionizer/sessionizer.toml)
+    sessionizer_env        --env section of that file               (default: prod)
+    sessionizer_args       extra flags for `sessionize`, shell-quoted, e.g. "-v" (default: none)
 
-    0   success, also when there was nothing new          -> task succeeds
-    75  another run holds the checkpoint (EX_TEMPFAIL)    -> retried after a short delay
-    2   usage or configuration error                      -> fails at once, no retry
-    1   any other failure (I/O, a corrupt checkpoint ...) -> fails at once, no retry
-    101 a test failpoint fired (never in production)      -> fails at once
+Settings the scheduler needs when it parses this file come from the environment of the
+scheduler / DAG processor, under the names Airflow uses for a Variable set by environment
+(reading the metadata database at parse time is what Airflow's best practices forbid; a
+Variable set only in the database is not seen here):
 
-A retry is always safe: every run is exactly-once, so a retried run only does what the
-previous one left undone. The run summary (one JSON object) is pushed to XCom under
-`return_value`, so downstream tasks can read `sessions_closed`, `watermark` and so on.
+    AIRFLOW_VAR_SESSIONIZER_EVERY_MIN    schedule, in minutes                      (default: 10)
+    AIRFLOW_VAR_SESSIONIZER_TIMEOUT_MIN  execution_timeout of a run, in minutes    (default: 30)
+    AIRFLOW_VAR_SESSIONIZER_RETRIES      retries of the task                        (default: 5)
+
+Exit codes of sessionizer (README, "Exit codes") and what the task does with them:
+
+    0   success, also when there was nothing new          -> task succeeds, summary to XCom
+    75  another run holds the checkpoint (EX_TEMPFAIL)    -> retried (up to RETRIES times)
+    1   any other failure (I/O, a transient object-store  -> retried, but only for the first
+        error, a source commit that removes data, a          FAILURE_RETRIES (3) retries;
+        corrupt checkpoint ...)                              after that it fails for good
+    2   usage or configuration error, or a refused run    -> fails at once, no retry
+    101 a test failpoint fired, or a panic (a bug)        -> fails at once, no retry
+    killed by a signal, or any other code                 -> treated like exit 1
+
+A missing or wrong binary (FileNotFoundError, PermissionError, "exec format error"), or a
+binary that exits 0 without printing a JSON summary, fails at once: no retry fixes it.
+
+Why exit 1 retries: every run is exactly-once (README, "Guarantees"), so a retry only does
+what the previous run left undone and can never write a session twice. Exit 1 covers the
+transient failures (a dropped connection, an object-store 503, a stalled read that gave up)
+that a retry a minute later fixes, so it is retried with exponential back-off (1, 2, 4 min).
+It also covers the permanent ones (a source commit that removes data, a corrupt checkpoint):
+for those the retries cost a few minutes and change nothing, and the task then fails loudly
+with the tool's error. Exit 2 is never retried: a bad flag, a missing column, a checkpoint
+made for other settings, or a checkpoint disagreeing with its outputs is not fixed by waiting
+and needs a person. Exit 75 is the normal outcome of an overlapping tick and always retries.
+
+A hung run (say, a read from S3 that never returns) is stopped by `execution_timeout`, so
+one stuck run cannot hold sessionization up forever with max_active_runs=1. The binary runs
+in its own process group; when Airflow times the task out, or stops it with SIGTERM or
+SIGINT, the whole group is terminated (SIGTERM, then SIGKILL after a grace period). Killing a
+run at any instant is safe: the next run takes over the dead run's lock and replays the
+unfinished batch exactly once. A timed-out run is retried (up to RETRIES times).
+
+The binary's JSON log lines (stderr, `--log-format json`) are re-logged to the task log as
+they arrive, each at its own level (ERROR, WARN, INFO, DEBUG; TRACE as DEBUG). The run
+summary (stdout, one JSON object) is returned, so it lands in XCom under `return_value` and
+downstream tasks can read `sessions_closed`, `watermark` and so on.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import os
+import shlex
+import signal
 import subprocess
-from datetime import datetime, timedelta
+import threading
+from collections import deque
+from datetime import datetime, timedelta, timezone
 
-from airflow import DAG
-from airflow.exceptions import AirflowException, AirflowFailException
-from airflow.models import Variable
-from airflow.operators.python import PythonOperator
+try:  # Airflow 3: the task SDK
+    from airflow.sdk import DAG, Variable, task
+
+    AIRFLOW_3 = True
+except ImportError:  # Airflow 2.x
+    from airflow import DAG
+    from airflow.decorators import task
+    from airflow.models import Variable
+
+    AIRFLOW_3 = False
+try:  # Airflow 3.1 and later
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+except ImportError:  # Airflow 2.x and 3.0
+    from airflow.exceptions import AirflowException, AirflowFailException
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -37,51 +91,237 @@ EXIT_USAGE = 2
 EXIT_LOCKED = 75
 EXIT_FAILPOINT = 101
 
-EVERY_MINUTES = int(Variable.get("sessionizer_every_min", default_var="10"))
+
+def _env_number(name: str, default: float) -> float:
+    """A parse-time setting from the environment (a bad value is an import error, shown in the UI)."""
+    raw = os.environ.get(name, "").strip()
+    return float(raw) if raw else default
 
 
-def run_sessionizer(**context):
+EVERY_MINUTES = _env_number("AIRFLOW_VAR_SESSIONIZER_EVERY_MIN", 10)
+TIMEOUT_MINUTES = _env_number("AIRFLOW_VAR_SESSIONIZER_TIMEOUT_MIN", 30)
+RETRIES = int(_env_number("AIRFLOW_VAR_SESSIONIZER_RETRIES", 5))
+# Exit 1 (and a death by signal, a timeout) is retried only while the try number is at most
+# this: with 3, the first three retries; exit 75 may use all RETRIES.
+FAILURE_RETRIES = 3
+# How long the binary's process group gets between SIGTERM and SIGKILL when the task is
+# stopped. sessionizer has no SIGTERM handler and dies at once; keep this below Airflow 3's
+# escalation delay (5 s between its own signals).
+KILL_GRACE_SECONDS = 3
+
+# Errors from starting the binary that no retry fixes: it is missing, not executable, or
+# not a program for this machine.
+_BAD_BINARY = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOEXEC, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENAMETOOLONG}
+
+# tracing levels of the JSON log lines -> logging levels (Airflow has no TRACE)
+_LEVELS = {
+    "ERROR": logging.ERROR,
+    "WARN": logging.WARNING,
+    "WARNING": logging.WARNING,
+    "INFO": logging.INFO,
+    "DEBUG": logging.DEBUG,
+    "TRACE": logging.DEBUG,
+}
+_DROPPED_FIELDS = ("timestamp", "span", "spans")
+
+log = logging.getLogger("airflow.task.sessionizer")
+
+
+def read_settings() -> dict:
+    """The Airflow Variables, read when the task runs (not when the file is parsed)."""
+    return {
+        "bin": Variable.get("sessionizer_bin", "sessionizer"),
+        "config": Variable.get("sessionizer_config", "/etc/sessionizer/sessionizer.toml"),
+        "env": Variable.get("sessionizer_env", "prod"),
+        "args": Variable.get("sessionizer_args", ""),
+    }
+
+
+def build_command(settings: dict) -> list[str]:
     cmd = [
-        Variable.get("sessionizer_bin", default_var="sessionizer"),
+        settings["bin"],
         "sessionize",
-        "--config",
-        Variable.get("sessionizer_config", default_var="/etc/sessionizer/sessionizer.toml"),
-        "--env",
-        Variable.get("sessionizer_env", default_var="prod"),
         "--output",
         "json",
         "--log-format",
         "json",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    # Logs are JSON lines on stderr; pass them through to the task log.
-    for line in proc.stderr.splitlines():
-        print(line)
-    if proc.returncode == EXIT_LOCKED:
-        # Another run is still going: an ordinary exception makes Airflow retry later.
-        raise AirflowException("sessionizer: checkpoint locked by another run (exit 75); will retry")
-    if proc.returncode != EXIT_OK:
-        # Usage errors and failures are not fixed by waiting: fail without retries, loudly.
-        raise AirflowFailException(
-            f"sessionizer failed with exit {proc.returncode}: {proc.stderr.strip()[-2000:]}"
+    if settings["config"]:
+        cmd += ["--config", settings["config"]]
+        if settings["env"]:
+            cmd += ["--env", settings["env"]]
+    cmd += shlex.split(settings["args"] or "")
+    return cmd
+
+
+def _format_field(value) -> str:
+    if isinstance(value, str):
+        return value if value and not any(c.isspace() or c in "\"=" for c in value) else json.dumps(value)
+    return json.dumps(value, separators=(",", ":"))
+
+
+def relog(line: str) -> str | None:
+    """Log one stderr line of the binary at its own level; returns the text logged."""
+    line = line.rstrip("\r\n")
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):
+        # Not a JSON log line: a usage error from the flag parser, a panic, a plain
+        # "sessionizer: error: ..." line.
+        lower = line.lstrip().lower()
+        if lower.startswith(("error", "sessionizer: error", "fatal")) or "panicked" in lower:
+            level = logging.ERROR
+        elif lower.startswith(("warn", "sessionizer: warn")):
+            level = logging.WARNING
+        else:
+            level = logging.INFO
+        log.log(level, "%s", line)
+        return line
+    level = _LEVELS.get(str(record.pop("level", "INFO")).upper(), logging.INFO)
+    message = str(record.pop("message", ""))
+    target = record.pop("target", None)
+    for key in _DROPPED_FIELDS:
+        record.pop(key, None)
+    text = " ".join([message] + [f"{k}={_format_field(v)}" for k, v in record.items()]).strip()
+    if target:
+        text = f"{target}: {text}"
+    log.log(level, "%s", text)
+    return text
+
+
+def stop_group(proc: subprocess.Popen, grace: float = KILL_GRACE_SECONDS) -> None:
+    """Terminate the binary's process group (SIGTERM, then SIGKILL), if it still runs."""
+    if proc.poll() is not None:
+        return
+    log.warning("stopping sessionizer (pid %s) and its process group", proc.pid)
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def run_sessionizer(**context):
+    settings = read_settings()
+    cmd = build_command(settings)
+    ti = context.get("ti")
+    try_number = getattr(ti, "try_number", None) or 1
+    log.info("try %s: %s", try_number, shlex.join(cmd))
+    try:
+        # Its own process group (session), so that stopping the task stops all of it.
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            bufsize=1,
+            start_new_session=True,
         )
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"sessionizer summary: {summary}")
-    return summary  # pushed to XCom as return_value
+    except OSError as e:
+        if e.errno in _BAD_BINARY:
+            raise AirflowFailException(
+                f"cannot run sessionizer binary {cmd[0]!r}: {e}; set the Airflow Variable "
+                "sessionizer_bin to its path (not retried)"
+            ) from e
+        raise  # e.g. EAGAIN or ENOMEM while forking: retried
+
+    # stdout carries one JSON object; drain it on a thread so neither pipe can fill up.
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
+    reader.start()
+
+    previous = None
+    handler_installed = False
+
+    def on_sigterm(signum, frame):
+        # Airflow stops a task with SIGTERM (Airflow 2 on a timeout or a kill, Airflow 3 when
+        # the worker shuts down). Stop the binary first, then let Airflow's handler run.
+        stop_group(proc)
+        if callable(previous):
+            previous(signum, frame)  # Airflow 2: calls on_kill() and raises
+        raise AirflowException("sessionizer task received SIGTERM; the run was stopped")
+
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, on_sigterm)
+        handler_installed = True
+
+    tail: deque[str] = deque(maxlen=20)
+    try:
+        for line in proc.stderr:  # as the lines come: live logs
+            text = relog(line)
+            if text:
+                tail.append(text)
+        returncode = proc.wait()
+    finally:
+        # Reached on success, and on AirflowTaskTimeout, SIGINT or SIGTERM raised above.
+        if handler_installed:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        stop_group(proc)
+        reader.join(timeout=10)
+        proc.stderr.close()
+
+    stdout = "".join(out)
+    detail = "\n".join(tail)[-2000:]
+    if returncode == EXIT_OK:
+        lines = [line for line in stdout.splitlines() if line.strip()]
+        try:
+            summary = json.loads(lines[-1])
+        except (IndexError, ValueError) as e:
+            raise AirflowFailException(
+                f"{cmd[0]!r} exited 0 but printed no JSON summary on stdout "
+                f"({stdout[-500:]!r}); is sessionizer_bin really sessionizer? (not retried)"
+            ) from e
+        return summary  # pushed to XCom as return_value
+    if returncode == EXIT_LOCKED:
+        # Another run is still going: an ordinary exception makes Airflow retry later.
+        raise AirflowException("sessionizer: checkpoint held by another run (exit 75); will retry")
+    if returncode in (EXIT_USAGE, EXIT_FAILPOINT):
+        # Usage and configuration errors, refused runs and bugs are not fixed by waiting.
+        raise AirflowFailException(f"sessionizer failed with exit {returncode} (not retried):\n{detail}")
+    if returncode < 0:
+        what = f"was killed by {signal.Signals(-returncode).name}"
+    else:
+        what = f"failed with exit {returncode}"
+    if try_number > FAILURE_RETRIES:
+        raise AirflowFailException(
+            f"sessionizer {what} on try {try_number}, after {FAILURE_RETRIES} retries; "
+            f"giving up:\n{detail}"
+        )
+    # Possibly transient (I/O, object store): the run is exactly-once, so a retry is safe.
+    raise AirflowException(f"sessionizer {what} on try {try_number}; will retry:\n{detail}")
 
 
 with DAG(
     dag_id="sessionizer",
     description="Incremental, exactly-once sessionization of the click-stream Delta table",
-    start_date=datetime(2026, 1, 1),
+    start_date=datetime(2026, 1, 1, tzinfo=timezone.utc),
     schedule=timedelta(minutes=EVERY_MINUTES),
     catchup=False,
     max_active_runs=1,
-    default_args={
-        "retries": 5,
-        "retry_delay": timedelta(minutes=1),
-        "retry_exponential_backoff": True,
-    },
     tags=["sessionizer", "delta"],
+    doc_md=__doc__,
 ) as dag:
-    PythonOperator(task_id="sessionize", python_callable=run_sessionizer)
+    task(
+        task_id="sessionize",
+        retries=RETRIES,
+        retry_delay=timedelta(minutes=1),
+        # Airflow 3 takes a multiplier (True would be 1: no back-off); Airflow 2 a bool.
+        retry_exponential_backoff=2.0 if AIRFLOW_3 else True,
+        max_retry_delay=timedelta(minutes=10),
+        execution_timeout=timedelta(minutes=TIMEOUT_MINUTES),
+    )(run_sessionizer)()

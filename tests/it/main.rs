@@ -7,6 +7,7 @@ mod bad_input;
 mod batches;
 mod crash;
 mod fencing;
+mod help;
 mod lock;
 mod models;
 mod ops;
