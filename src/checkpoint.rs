@@ -584,6 +584,7 @@ impl Checkpoint {
                 serde_json::to_value(progress).expect("serializable"),
             )),
             exact: true,
+            partition: None,
         };
         delta::rewrite(table, &loc, pending, None, operation, commit_as).await
     }

@@ -15,6 +15,7 @@ const TABLES: &str = "Tables";
 const RULES: &str = "Session rules";
 const BATCHES: &str = "Batches and backfill";
 const OUTPUT: &str = "Output and logs";
+const SHARDS: &str = "More than one machine";
 const GLOBAL: &str = "Global";
 
 /// The worked examples that end `sessionize --help`.
@@ -249,6 +250,12 @@ pub struct SessionizeArgs {
         default_value_t = 100_000
     )]
     pub warn_open_session_events: u64,
+    /// Split the keys over this many shards (workers), each run with its own --shard.
+    #[arg(long, env = "SESSIONIZER_SHARDS", help_heading = SHARDS)]
+    pub shards: Option<u32>,
+    /// This run's shard, 0..N-1 (default under a Kubernetes Indexed Job: JOB_COMPLETION_INDEX).
+    #[arg(long, env = "SESSIONIZER_SHARD", help_heading = SHARDS)]
+    pub shard: Option<u32>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -86,6 +86,21 @@ impl fmt::Display for Dur {
     }
 }
 
+/// One machine shard of a sharded run: keys whose stable hash falls in shard `index` of
+/// `count` (see [`crate::engine::in_shard`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl Shard {
+    /// The folder of this shard's own checkpoint, under the checkpoint location.
+    pub fn checkpoint_name(&self) -> String {
+        format!("shard-{}-of-{}", self.index, self.count)
+    }
+}
+
 /// How far after the commit that added it an event may be (SPEC rule 11): a duration, or
 /// `none` for no limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,6 +190,17 @@ impl TableLocation {
     }
     pub fn options(&self) -> &BTreeMap<String, String> {
         &self.options
+    }
+    /// The location this one is directly inside (`<parent>/<name>/`).
+    pub fn parent(&self) -> TableLocation {
+        let mut url = self.url.clone();
+        if !url.path().ends_with('/') {
+            url.set_path(&format!("{}/", url.path()));
+        }
+        TableLocation {
+            url: url.join("../").expect("a parent joins"),
+            options: self.options.clone(),
+        }
     }
     /// The same location, reached with these storage options.
     pub fn with_options(mut self, options: &BTreeMap<String, String>) -> Self {
@@ -435,6 +461,8 @@ pub struct Settings {
     pub starting_timestamp: Option<chrono::DateTime<chrono::Utc>>,
     pub break_lock: bool,
     pub warn_open_session_events: u64,
+    /// `--shards N --shard I`: this run folds only shard I's keys, with its own checkpoint.
+    pub shard: Option<Shard>,
 }
 
 impl Settings {

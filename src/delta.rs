@@ -118,12 +118,25 @@ pub async fn create_table(
     schema: &Schema,
     append_only: bool,
 ) -> Result<DeltaTable> {
+    create_partitioned(loc, schema, append_only, &[]).await
+}
+
+/// [`create_table`], partitioned by `partition_by`.
+pub async fn create_partitioned(
+    loc: &TableLocation,
+    schema: &Schema,
+    append_only: bool,
+    partition_by: &[&str],
+) -> Result<DeltaTable> {
     if let Some(p) = loc.local_path() {
         std::fs::create_dir_all(&p)?;
     }
     let kernel: StructType = schema.try_into_kernel()?;
     let table = loc.builder()?.build()?;
     let mut create = table.create().with_columns(kernel.fields().cloned());
+    if !partition_by.is_empty() {
+        create = create.with_partition_columns(partition_by.iter().map(|c| c.to_string()));
+    }
     if append_only {
         create = create.with_configuration_property(TableProperty::AppendOnly, Some("true"));
     }
@@ -785,7 +798,24 @@ pub async fn rewrite(
     operation: deltalake::protocol::DeltaOperation,
     commit_as: Rewrite<'_>,
 ) -> Result<DeltaTable> {
-    let files: Vec<_> = table.snapshot()?.log_data().iter().collect();
+    // With a partition, only its files are replaced; the other partitions are other writers'.
+    let partition = commit_as.partition.clone();
+    let files: Vec<_> = table
+        .snapshot()?
+        .log_data()
+        .iter()
+        .filter(|f| match &partition {
+            None => true,
+            Some((col, value)) => {
+                f.partition_values_map()
+                    .get(col)
+                    .cloned()
+                    .flatten()
+                    .as_deref()
+                    == Some(value.to_string().as_str())
+            }
+        })
+        .collect();
     let mut actions: Vec<Action> = files
         .iter()
         .map(|f| Action::Remove(f.remove_action(true)))
@@ -822,8 +852,13 @@ pub async fn rewrite(
         .into_iter()
         .filter(|s| !s.new.is_empty() || !s.old.is_empty())
     {
-        let (store, schema, keys, matcher) =
-            (store.clone(), schema.clone(), keys.clone(), matcher.clone());
+        let (store, schema, keys, matcher, partition) = (
+            store.clone(),
+            schema.clone(),
+            keys.clone(),
+            matcher.clone(),
+            partition.clone(),
+        );
         let mut writer = FileWriter::new(&table, &wp)?;
         tasks.spawn(async move {
             for slice in share.new {
@@ -836,7 +871,12 @@ pub async fn rewrite(
                     .with_batch_size(64 * 1024)
                     .build()?;
                 while let Some(batch) = stream.next().await {
-                    let batch = conform(&batch?, &schema)?;
+                    // A partition column lives in the log, not in the file.
+                    let batch = match &partition {
+                        Some((col, value)) => with_constant(batch?, col, *value)?,
+                        None => batch?,
+                    };
+                    let batch = conform(&batch, &schema)?;
                     let keep = matcher.absent(&key_columns(&batch, &keys)?)?;
                     writer
                         .write(arrow::compute::filter_record_batch(&batch, &keep)?)
@@ -869,6 +909,27 @@ pub struct Rewrite<'a> {
     pub tag: &'a BatchTag,
     pub extra: Option<(&'a str, serde_json::Value)>,
     pub exact: bool,
+    /// Replace only the rows of this partition (column, value) of an `Int32` column.
+    pub partition: Option<(String, i32)>,
+}
+
+/// `batch` with an `Int32` column `name` holding `value` on every row.
+pub fn with_constant(batch: RecordBatch, name: &str, value: i32) -> Result<RecordBatch> {
+    let n = batch.num_rows();
+    let mut fields: Vec<arrow::datatypes::FieldRef> =
+        batch.schema().fields().iter().cloned().collect();
+    let mut cols = batch.columns().to_vec();
+    fields.push(Arc::new(arrow::datatypes::Field::new(
+        name,
+        DataType::Int32,
+        true,
+    )));
+    cols.push(Arc::new(arrow::array::Int32Array::from_value(value, n)));
+    Ok(RecordBatch::try_new_with_options(
+        Arc::new(Schema::new(fields)),
+        cols,
+        &arrow::array::RecordBatchOptions::new().with_row_count(Some(n)),
+    )?)
 }
 
 /// The key columns of a batch (they are in every batch the live schema describes).

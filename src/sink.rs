@@ -11,7 +11,28 @@
 use arrow::array::RecordBatch;
 use deltalake::DeltaTable;
 
-use crate::config::TableLocation;
+use crate::config::{Shard, TableLocation};
+
+/// The partition column of a sharded run's live table: the shard that owns the row's key.
+pub const SHARD_COLUMN: &str = "shard";
+
+/// The live table's schema: the engine's live rows, plus [`SHARD_COLUMN`] when sharded.
+pub fn live_table_schema(
+    spec: &crate::engine::EventSpec,
+    shard: Option<Shard>,
+) -> arrow::datatypes::SchemaRef {
+    let live = crate::engine::live_schema(spec);
+    if shard.is_none() {
+        return live;
+    }
+    let mut fields: Vec<arrow::datatypes::FieldRef> = live.fields().iter().cloned().collect();
+    fields.push(std::sync::Arc::new(arrow::datatypes::Field::new(
+        SHARD_COLUMN,
+        arrow::datatypes::DataType::Int32,
+        true,
+    )));
+    std::sync::Arc::new(arrow::datatypes::Schema::new(fields))
+}
 use crate::delta::{self, BatchTag, FileWriter, Recorded};
 use crate::error::{Error, Result};
 
@@ -103,12 +124,17 @@ pub async fn append(
 /// Upserts the live rows on the key columns: the copy-on-write MERGE delta-rs would commit
 /// (recorded as a MERGE, with the batch's tag), written by [`delta::rewrite`] as a stream.
 /// Returns the number of rows inserted or updated.
+///
+/// A sharded run's live table is partitioned by [`SHARD_COLUMN`]: each shard replaces only its
+/// own partition, and its commit's predicate names that partition, so that Delta's conflict
+/// checker lets the shards commit side by side.
 pub async fn merge_live(
     table: DeltaTable,
     loc: &TableLocation,
     rows: RecordBatch,
     keys: &[String],
     tag: &BatchTag,
+    shard: Option<Shard>,
 ) -> Result<(DeltaTable, usize)> {
     use deltalake::protocol::{DeltaOperation, MergePredicate};
 
@@ -117,11 +143,21 @@ pub async fn merge_live(
         return Ok((table, 0));
     }
     let q = |c: &str| format!("\"{}\"", c.replace('"', "\"\""));
-    let predicate = keys
-        .iter()
-        .map(|k| format!("target.{} = source.{}", q(k), q(k)))
-        .collect::<Vec<_>>()
-        .join(" AND ");
+    let (rows, predicate, partition) = match shard {
+        None => {
+            let on_keys = keys
+                .iter()
+                .map(|k| format!("target.{} = source.{}", q(k), q(k)))
+                .collect::<Vec<_>>()
+                .join(" AND ");
+            (rows, on_keys, None)
+        }
+        Some(s) => (
+            delta::with_constant(rows, SHARD_COLUMN, s.index as i32)?,
+            format!("{SHARD_COLUMN} = {}", s.index),
+            Some((SHARD_COLUMN.to_string(), s.index as i32)),
+        ),
+    };
     let operation = DeltaOperation::Merge {
         predicate: Some(predicate.clone()),
         merge_predicate: Some(predicate),
@@ -139,6 +175,7 @@ pub async fn merge_live(
         tag,
         extra: None,
         exact: false,
+        partition,
     };
     let table = delta::rewrite(table, loc, rows, Some(keys), operation, commit_as).await?;
     Ok((table, upserted))

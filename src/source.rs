@@ -28,8 +28,11 @@ use object_store::ObjectStore;
 use object_store::path::Path;
 use parquet::arrow::ProjectionMask;
 
+use crate::config::Shard;
 use crate::config::{ByteSize, OnChangeCommit, TableLocation};
-use crate::engine::{EventSpec, FilePiece, Markers, TIME_COL, normalize, screen, split_by_key};
+use crate::engine::{
+    EventSpec, FilePiece, Markers, TIME_COL, in_shard, normalize, screen, split_by_key,
+};
 use crate::error::{Error, Result};
 
 /// Opens the events table at its latest version, or explains why it is not one.
@@ -448,6 +451,7 @@ pub async fn read_events(
     plan: &ReadPlan,
     buckets: usize,
     max_skew_us: Option<i64>,
+    shard: Option<Shard>,
 ) -> Result<EventParts> {
     let spec = Arc::new(spec.clone());
     let plan = Arc::new(plan.clone());
@@ -473,7 +477,9 @@ pub async fn read_events(
     let parallel = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
     let mut files = futures::stream::iter(jobs.into_iter().map(|(v, i, f, latest)| {
         let (store, spec, plan) = (store.clone(), spec.clone(), plan.clone());
-        tokio::spawn(async move { read_file(store, v, i, &f, &spec, &plan, buckets, latest).await })
+        tokio::spawn(async move {
+            read_file(store, v, i, &f, &spec, &plan, buckets, latest, shard).await
+        })
     }))
     .buffered(parallel);
     let mut parts = EventParts {
@@ -507,6 +513,7 @@ async fn read_file(
     plan: &ReadPlan,
     buckets: usize,
     latest_us: Option<i64>,
+    shard: Option<Shard>,
 ) -> Result<EventParts> {
     let path = Path::from_url_path(&file.path).map_err(|e| {
         Error::Source(format!(
@@ -579,13 +586,25 @@ async fn read_file(
         let normalized = normalize(spec, &batch, version as i64, file_idx, row, markers)?;
         drop(batch);
         let (normalized, rejected) = screen(normalized, &raw_time_valid, latest_us)?;
-        out.rejected.extend(rejected);
+        // The watermark comes from every key's events, so that all shards of a batch share it.
         out.max_time = out.max_time.max(arrow::compute::max(
             normalized
                 .column_by_name(TIME_COL)
                 .expect("normalized time column")
                 .as_primitive::<arrow::datatypes::Int64Type>(),
         ));
+        // The shard stage: from here on, only this shard's keys.
+        let own = |b: RecordBatch| -> Result<RecordBatch> {
+            match shard {
+                None => Ok(b),
+                Some(s) => {
+                    let mine = in_shard(&b, &spec.key_columns, s.index, s.count)?;
+                    Ok(arrow::compute::filter_record_batch(&b, &mine)?)
+                }
+            }
+        };
+        out.rejected.extend(rejected.map(own).transpose()?);
+        let normalized = own(normalized)?;
         let compact = FilePiece::from_normalized(&normalized, version as i64, file_idx)?;
         drop(normalized);
         for (bucket, rows) in

@@ -30,7 +30,7 @@ use crate::cli::SessionizeArgs;
 use crate::config::{Collect, Mode, OutputFormat, Settings, split_list};
 use crate::delta::{self, BatchRecord, BatchTag};
 use crate::engine::{
-    Engine, EventSpec, SessionRules, live_schema, rejected_schema, sessions_schema, split_by_key,
+    Engine, EventSpec, SessionRules, rejected_schema, sessions_schema, split_by_key,
 };
 use crate::error::{Error, Result};
 use crate::source::{self, BatchLimits, EventParts, ReadPlan, VersionFiles};
@@ -151,8 +151,15 @@ pub fn format_micros(us: i64) -> String {
 impl SessionizeArgs {
     /// Raw flags to validated settings; no I/O.
     pub fn settings(&self) -> Result<Settings> {
+        let shard = self.shard()?;
+        let mut tables = self.tables.resolve();
+        if let Some(s) = shard {
+            // Each shard keeps its own checkpoint: progress, plans, lock, pending state, app id.
+            tables.checkpoint = tables.checkpoint.join(&s.checkpoint_name());
+        }
         let s = Settings {
-            tables: self.tables.resolve(),
+            tables,
+            shard,
             keys: split_list(&self.key),
             time_column: self.time_column.trim().to_string(),
             gap: self.gap,
@@ -178,6 +185,44 @@ impl SessionizeArgs {
         };
         s.validate().map_err(Error::Usage)?;
         Ok(s)
+    }
+}
+
+impl SessionizeArgs {
+    /// `--shards N --shard I` (or `JOB_COMPLETION_INDEX` for I), validated; `None` unsharded.
+    fn shard(&self) -> Result<Option<crate::config::Shard>> {
+        let Some(count) = self.shards else {
+            if self.shard.is_some() {
+                return Err(Error::usage(
+                    "--shard needs --shards N (how many shards there are in all)",
+                ));
+            }
+            return Ok(None);
+        };
+        let index = match self.shard {
+            Some(i) => i,
+            None => match std::env::var("JOB_COMPLETION_INDEX") {
+                Ok(v) => v.trim().parse().map_err(|_| {
+                    Error::usage(format!(
+                        "JOB_COMPLETION_INDEX `{v}` is not a shard number; pass --shard I"
+                    ))
+                })?,
+                Err(_) => {
+                    return Err(Error::usage(format!(
+                        "--shards {count} needs --shard I (0..{}), or JOB_COMPLETION_INDEX as a \
+                         Kubernetes Indexed Job sets it",
+                        count.saturating_sub(1)
+                    )));
+                }
+            },
+        };
+        if count == 0 || index >= count {
+            return Err(Error::usage(format!(
+                "--shard {index} is not one of --shards {count} (0..{})",
+                count.saturating_sub(1)
+            )));
+        }
+        Ok((count > 1).then_some(crate::config::Shard { index, count }))
     }
 }
 
@@ -357,6 +402,21 @@ impl<'a> Job<'a> {
     async fn refuse_foreign_outputs(&self) -> Result<()> {
         let t = &self.settings.tables;
         let own = self.wanted.app_id();
+        // The other shards of a sharded run write the same tables, each under its own app id.
+        let mut siblings = Vec::new();
+        if let Some(s) = self.settings.shard {
+            let root = t.checkpoint.parent();
+            for j in (0..s.count).filter(|&j| j != s.index) {
+                let name = crate::config::Shard {
+                    index: j,
+                    count: s.count,
+                }
+                .checkpoint_name();
+                if let Some(id) = Checkpoint::at(&root.join(&name))?.identity().await? {
+                    siblings.push(id.app_id());
+                }
+            }
+        }
         let mut outputs = vec![("--sessions", &t.sessions), ("--live", &t.live)];
         if let Some(l) = &t.late_events {
             outputs.push(("--late-events", l));
@@ -365,10 +425,10 @@ impl<'a> Job<'a> {
             let Some(table) = delta::try_load(loc).await? else {
                 continue;
             };
-            if let Some((app, batch, version)) = delta::other_checkpoints(&table, &own)
-                .await?
+            let others = delta::other_checkpoints(&table, &own).await?;
+            if let Some((app, batch, version)) = others
                 .into_iter()
-                .next()
+                .find(|(app, _, _)| !siblings.contains(app))
             {
                 return Err(Error::Disagreement(format!(
                     "{flag} `{loc}` was written by another sessionizer checkpoint ({app}: batch \
@@ -540,9 +600,15 @@ impl Batch<'_> {
         }
         let t = &self.job.settings.tables;
         let spec = &self.job.engine.spec;
+        let shard = self.settings().shard;
         let wanted = [
             (&t.sessions, sessions_schema(spec), true, "--sessions"),
-            (&t.live, live_schema(spec), false, "--live"),
+            (
+                &t.live,
+                sink::live_table_schema(spec, shard),
+                false,
+                "--live",
+            ),
         ];
         let late = t
             .late_events
@@ -567,12 +633,19 @@ impl Batch<'_> {
             self.identity = Some(id);
         }
         let mut tables = Vec::new();
-        for ((loc, schema, append_only, _), table) in wanted.iter().chain(late.iter()).zip(found) {
+        for ((loc, schema, append_only, flag), table) in wanted.iter().chain(late.iter()).zip(found)
+        {
             tables.push(match table {
                 Some(t) => t,
                 None => {
                     self.lock.fence().check().await?;
-                    delta::create_table(loc, schema, *append_only).await?
+                    // A sharded run's live table is partitioned by shard.
+                    let by: &[&str] = if shard.is_some() && *flag == "--live" {
+                        &[sink::SHARD_COLUMN]
+                    } else {
+                        &[]
+                    };
+                    delta::create_partitioned(loc, schema, *append_only, by).await?
                 }
             });
         }
@@ -780,6 +853,7 @@ impl Batch<'_> {
             &self.job.read_plan,
             buckets,
             self.settings().max_event_skew.0.map(|d| d.as_micros()),
+            self.settings().shard,
         )
         .await?;
         Ok((open_events, new_events, buckets))
@@ -867,7 +941,8 @@ impl Batch<'_> {
         if !done.live {
             let keys = &self.job.engine.spec.key_columns;
             let table = o.live.clone();
-            o.live = sink::merge_live(table, &t.live, out.live.clone(), keys, tag)
+            let shard = self.job.settings.shard;
+            o.live = sink::merge_live(table, &t.live, out.live.clone(), keys, tag, shard)
                 .await?
                 .0;
         }

@@ -654,9 +654,41 @@ fn mix(h: u64, salt: u64) -> u64 {
     (h ^ salt.wrapping_mul(0xD6E8_FEB8_6659_FD93)).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32
 }
 
-/// Salts of the two bucketings: the run's key buckets and the engine's own shards.
+/// Salts of the three bucketings: the run's key buckets, the engine's own shards, and the
+/// machine shards of `sessionize --shards`.
 const BUCKET_SALT: u64 = 0;
 const SHARD_SALT: u64 = 1;
+const MACHINE_SALT: u64 = 2;
+
+/// Which rows of `batch` belong to machine shard `index` of `count` (`sessionize --shards`).
+///
+/// The shard of a key is stable on every platform and release: `mix(h, 2) mod count`, where
+/// `h` is the key itself for one BIGINT key column and otherwise the XXH3-64 hash of the key
+/// values in the engine's own encoding (type tag, then little-endian integers or
+/// length-prefixed UTF-8, see [`session_id`]), and `mix(h, s) = ((h xor s * 0xD6E8FEB86659FD93)
+/// * 0x9E3779B97F4A7C15) >> 32` (wrapping 64-bit arithmetic). Rows with a null key column
+/// belong to shard 0, so that each invalid row is counted once.
+pub fn in_shard(
+    batch: &RecordBatch,
+    keys: &[String],
+    index: u32,
+    count: u32,
+) -> Result<BooleanArray, ArrowError> {
+    let n = batch.num_rows();
+    let ids = bucket_ids(batch, keys, count as usize, MACHINE_SALT);
+    let mut null = vec![false; n];
+    for k in keys {
+        let c = batch.column_by_name(k).expect("key column");
+        if let Some(nulls) = c.logical_nulls() {
+            for (r, valid) in nulls.iter().enumerate() {
+                null[r] |= !valid;
+            }
+        }
+    }
+    Ok((0..n)
+        .map(|r| Some(if null[r] { index == 0 } else { ids[r] == index }))
+        .collect())
+}
 
 /// Row indices of each bucket, in row order.
 fn bucket_rows(batch: &RecordBatch, keys: &[String], n: usize, salt: u64) -> Vec<Vec<u32>> {

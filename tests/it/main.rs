@@ -14,6 +14,7 @@ mod ops;
 mod real_tables;
 mod s3;
 mod safety;
+mod shards;
 mod source_commits;
 mod util;
 mod walkthrough;

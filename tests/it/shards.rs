@@ -1,0 +1,151 @@
+//! More than one machine: `--shards N --shard I` runs, started side by side as separate
+//! processes, write one set of tables that equals one unsharded run over the same batches.
+
+use std::process::{Command, Stdio};
+
+use crate::util::*;
+
+fn generate(base: &Base) {
+    base.ok(&[
+        "generate-rows",
+        "--rows",
+        "6000",
+        "--commits",
+        "4",
+        "--users",
+        "300",
+        "--seed",
+        "5",
+        "--at",
+        "2026-02-15T00:00:00Z",
+    ]);
+}
+
+/// Runs `sessionize` for every shard at once, as separate processes, and checks they succeed.
+fn all_shards(base: &Base, n: u32, extra: &[&str]) -> Vec<serde_json::Value> {
+    let children: Vec<_> = (0..n)
+        .map(|i| {
+            Command::new(bin())
+                .args(["sessionize", "--output", "json", "--base-dir"])
+                .arg(base.path())
+                .args(["--shards", &n.to_string(), "--shard", &i.to_string()])
+                .args(extra)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "a shard failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice(&out.stdout).unwrap()
+        })
+        .collect()
+}
+
+const LIVE: &str =
+    "SELECT user_id, session_id, start_time, end_time, event_count, status FROM t ORDER BY user_id";
+
+#[test]
+fn four_shards_side_by_side_equal_one_unsharded_run() {
+    let (one, four) = (Base::new(), Base::new());
+    generate(&one);
+    copy_dir(&one.table("events"), &four.table("events"));
+    let late_one = one.table("late");
+    let late_four = four.table("late");
+    let batches = ["--max-files-per-batch", "1"];
+
+    let whole = one
+        .ok(&[
+            "sessionize",
+            "--output",
+            "json",
+            "--max-files-per-batch",
+            "1",
+            "--late-events",
+            late_one.to_str().unwrap(),
+        ])
+        .json();
+    let mut extra: Vec<&str> = batches.to_vec();
+    extra.extend(["--late-events", late_four.to_str().unwrap()]);
+    let parts = all_shards(&four, 4, &extra);
+    let sum = |k: &str| parts.iter().map(|p| p[k].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(sum("rows_read"), whole["rows_read"].as_u64().unwrap());
+    assert_eq!(
+        sum("sessions_closed"),
+        whole["sessions_closed"].as_u64().unwrap()
+    );
+    assert!(
+        parts.iter().all(|p| p["rows_read"].as_u64().unwrap() > 0),
+        "{parts:?}"
+    );
+    // One watermark for all: every shard computed it from every key's events.
+    assert!(
+        parts.iter().all(|p| p["watermark"] == whole["watermark"]),
+        "{parts:?}"
+    );
+    assert_eq!(one.rows("sessions"), four.rows("sessions"));
+    assert_eq!(
+        sql(&one.table("live_sessions"), LIVE),
+        sql(&four.table("live_sessions"), LIVE)
+    );
+
+    // More events, then everything closed: still the same.
+    for b in [&one, &four] {
+        b.ok(&["generate-rows", "--closing"]);
+    }
+    one.ok(&[
+        "sessionize",
+        "--flush",
+        "--late-events",
+        late_one.to_str().unwrap(),
+    ]);
+    let mut extra = vec!["--flush", "--late-events", late_four.to_str().unwrap()];
+    extra.extend(batches);
+    all_shards(&four, 4, &extra);
+    assert_eq!(one.rows("sessions"), four.rows("sessions"));
+    assert_eq!(
+        sql(&one.table("live_sessions"), LIVE),
+        sql(&four.table("live_sessions"), LIVE)
+    );
+    let dup = sql(
+        &four.table("sessions"),
+        "SELECT session_id FROM t GROUP BY session_id HAVING count(*) > 1",
+    );
+    assert!(dup.is_empty(), "{dup:?}");
+    // The live table is partitioned by shard, one partition per shard.
+    let shards = sql(
+        &four.table("live_sessions"),
+        "SELECT DISTINCT shard FROM t ORDER BY shard",
+    );
+    assert_eq!(shards, vec!["0", "1", "2", "3"]);
+}
+
+#[test]
+fn a_shard_flag_without_a_count_or_out_of_range_is_a_usage_error() {
+    let base = Base::new();
+    base.gen_at(T0);
+    for args in [
+        &["sessionize", "--shard", "1"][..],
+        &["sessionize", "--shards", "4", "--shard", "4"],
+        &["sessionize", "--shards", "4"],
+    ] {
+        let out = base.run(args);
+        assert_eq!(out.code(), 2, "{args:?}: {}", out.stderr());
+        assert!(out.stderr().contains("--shard"), "{}", out.stderr());
+    }
+    // Under a Kubernetes Indexed Job the index comes from JOB_COMPLETION_INDEX.
+    let out = base.run_env(
+        &["sessionize", "--shards", "2", "--output", "json"],
+        &[("JOB_COMPLETION_INDEX", "1")],
+    );
+    assert_eq!(out.code(), 0, "{}", out.stderr());
+    assert!(base.table("checkpoint/shard-1-of-2/_sessionizer").exists());
+}
