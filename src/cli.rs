@@ -336,6 +336,9 @@ pub struct StatusArgs {
     /// Report format.
     #[arg(long, value_enum, default_value = "text")]
     pub output: OutputFormat,
+    /// A sharded run's N: report every shard's checkpoint, and which shard is behind.
+    #[arg(long, env = "SESSIONIZER_SHARDS")]
+    pub shards: Option<u32>,
 }
 
 #[derive(Debug, Clone, Args)]

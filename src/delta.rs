@@ -142,9 +142,16 @@ pub async fn create_partitioned(
     }
     match create.await {
         Ok(t) => Ok(t),
-        // Another writer created it between our look and our create: use theirs.
-        Err(e) if e.to_string().contains("already exists") => load(loc).await,
-        Err(e) => Err(e.into()),
+        // Another writer (another shard, say) created it between our look and our create:
+        // use theirs. The create fails as "already exists" or as a metadata conflict.
+        Err(e) => match try_load(loc).await {
+            Ok(Some(theirs)) => {
+                tracing::debug!("{loc} was created by another writer meanwhile ({e})");
+                check_schema(&theirs, schema, loc, "the table")?;
+                Ok(theirs)
+            }
+            _ => Err(e.into()),
+        },
     }
 }
 

@@ -19,6 +19,7 @@ Variable set only in the database is not seen here):
     AIRFLOW_VAR_SESSIONIZER_EVERY_MIN    schedule, in minutes                      (default: 10)
     AIRFLOW_VAR_SESSIONIZER_TIMEOUT_MIN  execution_timeout of a run, in minutes    (default: 30)
     AIRFLOW_VAR_SESSIONIZER_RETRIES      retries of the task                        (default: 5)
+    AIRFLOW_VAR_SESSIONIZER_RETRY_DELAY_MIN  first retry delay, doubled each retry  (default: 1)
 
 Exit codes of sessionizer (README, "Exit codes") and what the task does with them:
 
@@ -101,6 +102,7 @@ def _env_number(name: str, default: float) -> float:
 EVERY_MINUTES = _env_number("AIRFLOW_VAR_SESSIONIZER_EVERY_MIN", 10)
 TIMEOUT_MINUTES = _env_number("AIRFLOW_VAR_SESSIONIZER_TIMEOUT_MIN", 30)
 RETRIES = int(_env_number("AIRFLOW_VAR_SESSIONIZER_RETRIES", 5))
+RETRY_DELAY_MINUTES = _env_number("AIRFLOW_VAR_SESSIONIZER_RETRY_DELAY_MIN", 1)
 # Exit 1 (and a death by signal, a timeout) is retried only while the try number is at most
 # this: with 3, the first three retries; exit 75 may use all RETRIES.
 FAILURE_RETRIES = 3
@@ -319,7 +321,7 @@ with DAG(
     task(
         task_id="sessionize",
         retries=RETRIES,
-        retry_delay=timedelta(minutes=1),
+        retry_delay=timedelta(minutes=RETRY_DELAY_MINUTES),
         # Airflow 3 takes a multiplier (True would be 1: no back-off); Airflow 2 a bool.
         retry_exponential_backoff=2.0 if AIRFLOW_3 else True,
         max_retry_delay=timedelta(minutes=10),

@@ -17,6 +17,8 @@
 #              process is gone afterwards; its log lines arrived while it ran, at their level
 #   sigterm    a hung run whose task gets SIGTERM: the binary is stopped with it
 #   after-kill the next run takes the killed runs' lock over and succeeds
+#   exit-75    another run holds the checkpoint: the task retries, and succeeds once it is free
+#   exit-1     a binary that always exits 1: retried 3 times with back-off, then fails
 #
 # Each check prints PASS or FAIL; the script exits 1 if any failed. Airflow's own output of
 # each scenario is kept in the work folder (printed at the end; --keep keeps it all).
@@ -382,7 +384,8 @@ else
     # shellcheck disable=SC2086
     kill -9 $left 2>/dev/null || true
 fi
-if grep -qiE "warn.*taking over a released" "$work/timeout.log"; then
+# The level as Airflow 2 ("WARNING - ") and Airflow 3 ("[warning  ] ") print it.
+if grep -qE "(WARNING - |\[warning +\] )sessionizer::checkpoint: taking over a released" "$work/timeout.log"; then
     pass "timeout: the run's WARN line reached the task log while it ran, at warning level"
 else
     fail "timeout: no warning-level 'taking over a released' line in the task log before the kill"
@@ -428,6 +431,58 @@ if [ -n "$after" ] && [ -n "$before" ] && [ "$after" -gt "$before" ]; then
     pass "after-kill: the events added before the killed run were sessionized once"
 else
     fail "after-kill: sessions count $before -> $after"
+fi
+
+# 8. exit 75: another run holds the checkpoint. The task retries; once the holder is gone
+# (killed here, as a crashed run would be), a retry takes its lock over and succeeds.
+"$bin" generate-rows --base-dir "$lake" --closing >/dev/null
+SESSIONIZER_FAILPOINT=pause-after-lock SESSIONIZER_PAUSE_MS=600000 \
+    "$bin" sessionize --base-dir "$lake" --output json >"$work/holder.out" 2>"$work/holder.err" &
+holder=$!
+sleep 2
+AIRFLOW_VAR_SESSIONIZER_RETRY_DELAY_MIN=0.05 \
+    "$airflow" dags test sessionizer 2026-01-09T00:00:00+00:00 >"$work/exit-75.log" 2>&1 &
+airflow_pid=$!
+t0=$(now)
+for _ in $(seq 1 240); do
+    grep -q "exit 75" "$work/exit-75.log" && break
+    kill -0 "$airflow_pid" 2>/dev/null || break
+    sleep 0.5
+done
+kill -9 "$holder" 2>/dev/null || true
+wait "$holder" 2>/dev/null || true
+wait "$airflow_pid" && rc=0 || rc=$?
+took=$(since "$t0")
+echo "try-dag: [exit-75] airflow dags test exited $rc after $took s (log: $work/exit-75.log)"
+ti=$(db_query ti)
+xcom=$(db_query xcom)
+if [ "$(field "$ti" state)" = success ] && [ "$(field "$ti" try_number)" -ge 2 ] 2>/dev/null \
+    && grep -q "exit 75" "$work/exit-75.log" && [ -n "$(field "$xcom" value batches)" ]; then
+    pass "exit-75: retried while the checkpoint was held, then succeeded on try $(field "$ti" try_number) ($took s)"
+else
+    tail -40 "$work/exit-75.log"; fail "exit-75: wanted exit 75, a retry and success, got $ti $xcom"
+fi
+
+# 9. exit 1: retried FAILURE_RETRIES (3) times with back-off, then failed for good
+cat >"$work/fails-with-1" <<'SH'
+#!/bin/sh
+echo '{"level":"ERROR","message":"simulated transient I/O error","target":"try_dag"}' >&2
+exit 1
+SH
+chmod +x "$work/fails-with-1"
+AIRFLOW_VAR_SESSIONIZER_BIN="$work/fails-with-1" AIRFLOW_VAR_SESSIONIZER_RETRY_DELAY_MIN=0.02 \
+    dags_test exit-1 2026-01-10T00:00:00+00:00
+ti=$(db_query ti)
+if [ "$(field "$ti" state)" = failed ] && [ "$(field "$ti" try_number)" = 4 ] \
+    && grep -q "giving up" "$work/exit-1.log"; then
+    pass "exit-1: retried 3 times, then failed for good on try 4 ($took s)"
+else
+    tail -40 "$work/exit-1.log"; fail "exit-1: wanted failed on try 4 ('giving up'), got $ti"
+fi
+if grep -qE "(ERROR - |\[error +\] )try_dag: simulated transient I/O error" "$work/exit-1.log"; then
+    pass "exit-1: the tool's ERROR line is logged at error level"
+else
+    fail "exit-1: no error-level 'simulated transient I/O error' line in the task log"
 fi
 
 echo "try-dag: Airflow $version: $passes passed, $failures failed in $(since "$t_start") s"

@@ -105,7 +105,57 @@ async fn largest_pending_keys(
 }
 
 pub async fn status(args: &StatusArgs) -> Result<Status> {
+    status_of(&args.tables.resolve()).await
+}
+
+/// Every shard of a sharded run, and which one is behind.
+#[derive(Debug, Serialize)]
+pub struct ShardsStatus {
+    pub shards: u32,
+    /// One entry per shard, in shard order (`null` for a shard with no checkpoint yet).
+    pub each: Vec<Option<Status>>,
+    /// The shard that has processed the fewest events versions (or has not started).
+    pub behind: Option<u32>,
+    /// How many versions the shards' progress spans (0 when they are all at one version).
+    pub spread_versions: u64,
+}
+
+pub async fn shards_status(args: &StatusArgs, count: u32) -> Result<ShardsStatus> {
     let tables = args.tables.resolve();
+    let mut each = Vec::new();
+    for index in 0..count {
+        let mut t = tables.clone();
+        let shard = crate::config::Shard { index, count };
+        t.checkpoint = tables.checkpoint.join(&shard.checkpoint_name());
+        each.push(match status_of(&t).await {
+            Ok(s) => Some(s),
+            Err(crate::Error::NoCheckpoint(_)) => None,
+            Err(e) => return Err(e),
+        });
+    }
+    // A shard with no checkpoint is the furthest behind; otherwise the lowest last version.
+    let rank = |s: &Option<Status>| s.as_ref().map(|s| s.last_version_processed.map(|v| v + 1));
+    let behind = (0..count)
+        .min_by_key(|&i| rank(&each[i as usize]))
+        .filter(|_| count > 0);
+    let versions: Vec<u64> = each
+        .iter()
+        .map(|s| {
+            s.as_ref()
+                .and_then(|s| s.last_version_processed.map(|v| v + 1))
+                .unwrap_or(0)
+        })
+        .collect();
+    let spread = versions.iter().max().unwrap_or(&0) - versions.iter().min().unwrap_or(&0);
+    Ok(ShardsStatus {
+        shards: count,
+        behind: behind.filter(|_| spread > 0 || each.iter().any(Option::is_none)),
+        each,
+        spread_versions: spread,
+    })
+}
+
+async fn status_of(tables: &crate::config::Tables) -> Result<Status> {
     let (cp, identity) = Checkpoint::open_existing(&tables.checkpoint).await?;
     let state = cp.state_table().await?;
     let progress = cp.progress(state.as_ref()).await?;
@@ -200,6 +250,47 @@ fn stats_max_us(stats: &str, column: &str) -> Option<i64> {
 }
 
 pub async fn command(args: &StatusArgs, out: &mut dyn Write) -> Result<()> {
+    if let Some(count) = args.shards.filter(|&n| n > 1) {
+        let all = shards_status(args, count).await?;
+        match args.output {
+            OutputFormat::Json => writeln!(
+                out,
+                "{}",
+                serde_json::to_string(&all).expect("serializable")
+            )?,
+            OutputFormat::Text => {
+                writeln!(
+                    out,
+                    "{:<7}{:>10}{:>10}{:>9}  {:<22}{}",
+                    "shard", "version", "behind", "pending", "watermark", "lock"
+                )?;
+                for (i, s) in all.each.iter().enumerate() {
+                    match s {
+                        None => writeln!(out, "{i:<7}no checkpoint yet")?,
+                        Some(s) => writeln!(
+                            out,
+                            "{i:<7}{:>10}{:>10}{:>9}  {:<22}{}",
+                            s.last_version_processed
+                                .map_or("-".into(), |v| v.to_string()),
+                            s.versions_behind.map_or("-".into(), |v| v.to_string()),
+                            s.sessions_pending,
+                            s.watermark.clone().unwrap_or_else(|| "-".into()),
+                            s.lock.clone().unwrap_or_else(|| "free".into())
+                        )?,
+                    }
+                }
+                match all.behind {
+                    Some(b) => writeln!(
+                        out,
+                        "shard {b} is behind ({} versions between the shards)",
+                        all.spread_versions
+                    )?,
+                    None => writeln!(out, "every shard is at the same version")?,
+                }
+            }
+        }
+        return Ok(());
+    }
     let s = status(args).await?;
     match args.output {
         OutputFormat::Json => {

@@ -175,4 +175,59 @@ fn the_walkthrough_runs_with_every_table_on_s3() {
         ],
     );
     assert_eq!(counts.stdout().trim(), "n,d\n3,3");
+
+    // Four shards side by side on the store (concurrent commits through conditional puts)
+    // give the sessions of one unsharded run.
+    for prefix in ["one", "four"] {
+        s3.ok(
+            prefix,
+            &[
+                "generate-rows",
+                "--rows",
+                "3000",
+                "--commits",
+                "3",
+                "--users",
+                "200",
+                "--seed",
+                "9",
+                "--at",
+                "2026-02-15T00:00:00Z",
+            ],
+        );
+    }
+    s3.ok("one", &["sessionize", "--flush"]);
+    let shards: Vec<Child> = (0..4)
+        .map(|i| {
+            s3.cmd(
+                "four",
+                &[
+                    "sessionize",
+                    "--flush",
+                    "--shards",
+                    "4",
+                    "--shard",
+                    &i.to_string(),
+                ],
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    for shard in shards {
+        let out = shard.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let q = "SELECT user_id, start_time, end_time, event_count, close_reason FROM sessions \
+             ORDER BY user_id, start_time";
+    let one = s3.ok("one", &["query", "--format", "csv", q]).stdout();
+    let four = s3.ok("four", &["query", "--format", "csv", q]).stdout();
+    assert!(one.lines().count() > 200, "{one}");
+    assert_eq!(one, four);
 }

@@ -23,7 +23,13 @@ fn generate(base: &Base) {
 
 /// Runs `sessionize` for every shard at once, as separate processes, and checks they succeed.
 fn all_shards(base: &Base, n: u32, extra: &[&str]) -> Vec<serde_json::Value> {
-    let children: Vec<_> = (0..n)
+    some_shards(base, n, &(0..n).collect::<Vec<_>>(), extra)
+}
+
+/// [`all_shards`] for the shards in `which` only.
+fn some_shards(base: &Base, n: u32, which: &[u32], extra: &[&str]) -> Vec<serde_json::Value> {
+    let children: Vec<_> = which
+        .iter()
         .map(|i| {
             Command::new(bin())
                 .args(["sessionize", "--output", "json", "--base-dir"])
@@ -109,7 +115,26 @@ fn four_shards_side_by_side_equal_one_unsharded_run() {
     ]);
     let mut extra = vec!["--flush", "--late-events", late_four.to_str().unwrap()];
     extra.extend(batches);
-    all_shards(&four, 4, &extra);
+    some_shards(&four, 4, &[0, 1, 3], &extra);
+    // Shard 2 is killed mid-batch (after its sessions commit), and is then behind.
+    let mut crashed = vec!["sessionize", "--shards", "4", "--shard", "2"];
+    crashed.extend(&extra);
+    let out = four.run_env(
+        &crashed,
+        &[("SESSIONIZER_FAILPOINT", "after-sessions-commit")],
+    );
+    assert_eq!(out.code(), 101, "{}", out.stderr());
+    let status = four
+        .ok(&["status", "--shards", "4", "--output", "json"])
+        .json();
+    assert_eq!(status["behind"], 2, "{status}");
+    assert!(status["spread_versions"].as_u64().unwrap() > 0, "{status}");
+    // Rerun as it is: the same tables as one unsharded run.
+    some_shards(&four, 4, &[2], &extra);
+    let status = four
+        .ok(&["status", "--shards", "4", "--output", "json"])
+        .json();
+    assert!(status["behind"].is_null(), "{status}");
     assert_eq!(one.rows("sessions"), four.rows("sessions"));
     assert_eq!(
         sql(&one.table("live_sessions"), LIVE),
