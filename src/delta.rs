@@ -133,7 +133,13 @@ pub async fn create_partitioned(
     }
     let kernel: StructType = schema.try_into_kernel()?;
     let table = loc.builder()?.build()?;
-    let mut create = table.create().with_columns(kernel.fields().cloned());
+    // No retry: of writers creating one table at once (shards), one wins version 0 and the
+    // others load it. A retried create would land its metadata again as version 1, which
+    // fails every concurrent commit with "metadata changed".
+    let mut create = table
+        .create()
+        .with_columns(kernel.fields().cloned())
+        .with_commit_properties(CommitProperties::default().with_max_retries(0));
     if !partition_by.is_empty() {
         create = create.with_partition_columns(partition_by.iter().map(|c| c.to_string()));
     }

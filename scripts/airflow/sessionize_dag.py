@@ -16,10 +16,15 @@ scheduler / DAG processor, under the names Airflow uses for a Variable set by en
 (reading the metadata database at parse time is what Airflow's best practices forbid; a
 Variable set only in the database is not seen here):
 
-    AIRFLOW_VAR_SESSIONIZER_EVERY_MIN    schedule, in minutes                      (default: 10)
-    AIRFLOW_VAR_SESSIONIZER_TIMEOUT_MIN  execution_timeout of a run, in minutes    (default: 30)
-    AIRFLOW_VAR_SESSIONIZER_RETRIES      retries of the task                        (default: 5)
-    AIRFLOW_VAR_SESSIONIZER_RETRY_DELAY_MIN  first retry delay, doubled each retry  (default: 1)
+    AIRFLOW_VAR_SESSIONIZER_EVERY_MIN        schedule, in minutes                     (default: 10)
+    AIRFLOW_VAR_SESSIONIZER_TIMEOUT_MIN      execution_timeout of a run, in minutes   (default: 30)
+    AIRFLOW_VAR_SESSIONIZER_RETRIES          retries of the task                      (default: 5)
+    AIRFLOW_VAR_SESSIONIZER_RETRY_DELAY_MIN  first retry delay, doubled each retry,   (default: 1)
+                                             at most 10 minutes
+
+A run killed by the timeout keeps the batches it committed and the next run carries on, so
+the timeout only needs to be longer than a normal tick; raise it (or run the first backfill
+by hand) if single batches take longer than that.
 
 Exit codes of sessionizer (README, "Exit codes") and what the task does with them:
 
@@ -250,8 +255,9 @@ def run_sessionizer(**context):
     handler_installed = False
 
     def on_sigterm(signum, frame):
-        # Airflow stops a task with SIGTERM (Airflow 2 on a timeout or a kill, Airflow 3 when
-        # the worker shuts down). Stop the binary first, then let Airflow's handler run.
+        # Airflow sends SIGTERM to a task it kills (marked failed or cleared by hand, a lost
+        # heartbeat, a worker shutting down). Stop the binary first, then let Airflow's own
+        # handler run (on Airflow 2 it raises; on Airflow 3 it only calls on_kill()).
         stop_group(proc)
         if callable(previous):
             previous(signum, frame)  # Airflow 2: calls on_kill() and raises

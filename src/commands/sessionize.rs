@@ -621,6 +621,29 @@ impl Batch<'_> {
                 delta::check_schema(table, schema, loc, flag)?;
                 if *flag == "--live" {
                     delta::check_rewritable(table, loc, flag)?;
+                    let partitioned = table
+                        .snapshot()?
+                        .metadata()
+                        .partition_columns()
+                        .iter()
+                        .any(|c| c == sink::SHARD_COLUMN);
+                    if partitioned != shard.is_some() {
+                        return Err(Error::usage(format!(
+                            "--live `{loc}` was written {} but this run is {}; its rows are laid \
+                             out per shard only in sharded runs. Run with the same --shards as \
+                             the runs that wrote it, or point --live at a new location",
+                            if partitioned {
+                                "by a sharded run"
+                            } else {
+                                "unsharded"
+                            },
+                            if shard.is_some() {
+                                "sharded"
+                            } else {
+                                "unsharded"
+                            },
+                        )));
+                    }
                 }
             }
             found.push(table);

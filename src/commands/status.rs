@@ -261,7 +261,7 @@ pub async fn command(args: &StatusArgs, out: &mut dyn Write) -> Result<()> {
             OutputFormat::Text => {
                 writeln!(
                     out,
-                    "{:<7}{:>10}{:>10}{:>9}  {:<22}{}",
+                    "{:<7}{:>10}{:>10}{:>9}  {:<28} {}",
                     "shard", "version", "behind", "pending", "watermark", "lock"
                 )?;
                 for (i, s) in all.each.iter().enumerate() {
@@ -269,7 +269,7 @@ pub async fn command(args: &StatusArgs, out: &mut dyn Write) -> Result<()> {
                         None => writeln!(out, "{i:<7}no checkpoint yet")?,
                         Some(s) => writeln!(
                             out,
-                            "{i:<7}{:>10}{:>10}{:>9}  {:<22}{}",
+                            "{i:<7}{:>10}{:>10}{:>9}  {:<28} {}",
                             s.last_version_processed
                                 .map_or("-".into(), |v| v.to_string()),
                             s.versions_behind.map_or("-".into(), |v| v.to_string()),

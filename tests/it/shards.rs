@@ -173,4 +173,17 @@ fn a_shard_flag_without_a_count_or_out_of_range_is_a_usage_error() {
     );
     assert_eq!(out.code(), 0, "{}", out.stderr());
     assert!(base.table("checkpoint/shard-1-of-2/_sessionizer").exists());
+    // The live table is laid out per shard: an unsharded run on it is refused, and the other
+    // way round (here already as tables another checkpoint wrote).
+    let out = base.run(&[
+        "sessionize",
+        "--checkpoint",
+        base.table("cp2").to_str().unwrap(),
+    ]);
+    assert_eq!(out.code(), 2, "{}", out.stderr());
+    let other = Base::new();
+    other.gen_at(T0);
+    other.ok(&["sessionize"]);
+    let out = other.run(&["sessionize", "--shards", "2", "--shard", "0"]);
+    assert_eq!(out.code(), 2, "{}", out.stderr());
 }
