@@ -58,12 +58,6 @@ impl Frozen {
     }
 }
 
-fn plan_files(base: &Base) -> usize {
-    std::fs::read_dir(base.table("checkpoint/_sessionizer/plans"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
 /// Every event in exactly one session: no id twice, and the sessions hold every event.
 fn assert_exactly_once(base: &Base) {
     let dup = sql(
@@ -93,69 +87,53 @@ fn history(base: &Base) {
 
 const BATCHED: &[&str] = &["sessionize", "--max-files-per-batch", "1"];
 
-#[test]
-fn a_run_frozen_after_its_plan_is_fenced_when_it_wakes() {
+/// A run frozen at `point` while another run (with `--break-lock`) takes the checkpoint over
+/// and finishes, after `more` new events arrived; then the frozen run wakes. It must exit 75
+/// having written nothing, and after a final flush every event is in exactly one session.
+/// Returns its stderr.
+fn frozen_and_taken_over(point: &str, more: bool) -> String {
     let base = Base::new();
     history(&base);
-    // The first run plans its first batch, then freezes (a paused VM, SIGSTOP).
-    let frozen = Frozen::start(&base, BATCHED, "pause-after-plan");
-    assert_eq!(
-        plan_files(&base),
-        1,
-        "frozen after recording its first plan"
-    );
-    // Meanwhile more data arrives and another run takes the checkpoint over and finishes.
-    base.gen_at("2026-02-15T13:30:00Z");
+    let frozen = Frozen::start(&base, BATCHED, point);
+    if more {
+        base.gen_at("2026-02-15T13:30:00Z");
+    }
     base.ok(&["sessionize", "--max-files-per-batch", "1", "--break-lock"]);
     let after_takeover = output_versions(&base);
     let (code, err) = frozen.wake();
-    assert_eq!(code, Some(75), "the stale run must stop: {err}");
-    assert!(err.contains("lost the"), "{err}");
+    assert_eq!(code, Some(75), "{point}: the stale run must stop: {err}");
     assert_eq!(
         output_versions(&base),
         after_takeover,
-        "the stale run wrote"
+        "{point}: the stale run wrote"
     );
-    base.ok(&["sessionize", "--flush"]);
-    assert_exactly_once(&base);
-}
-
-#[test]
-fn a_run_frozen_between_its_fence_check_and_its_commit_cannot_land_it() {
-    let base = Base::new();
-    history(&base);
-    // Frozen right before its first commit, after its last ownership check: only the commit
-    // itself can refuse it now.
-    let frozen = Frozen::start(&base, BATCHED, "pause-before-commit");
-    base.gen_at("2026-02-15T13:30:00Z");
-    base.ok(&["sessionize", "--max-files-per-batch", "1", "--break-lock"]);
-    let after_takeover = output_versions(&base);
-    let (code, err) = frozen.wake();
-    assert_eq!(code, Some(75), "{err}");
-    assert_eq!(
-        output_versions(&base),
-        after_takeover,
-        "the stale run wrote"
-    );
-    base.ok(&["sessionize", "--flush"]);
-    assert_exactly_once(&base);
-}
-
-#[test]
-fn a_run_frozen_before_any_work_whose_lock_was_taken_exits_75_too() {
-    let base = Base::new();
-    history(&base);
-    let frozen = Frozen::start(&base, BATCHED, "pause-after-lock");
-    base.ok(&["sessionize", "--break-lock"]);
-    let after_takeover = output_versions(&base);
-    // Nothing is left for it to do, but it was not the run that owned the checkpoint.
-    let (code, err) = frozen.wake();
-    assert_eq!(code, Some(75), "{err}");
-    assert_eq!(output_versions(&base), after_takeover);
     assert!(
         base.held_lock().is_none(),
         "the lock of the run that took over is released"
     );
+    base.ok(&["sessionize", "--flush"]);
+    assert_exactly_once(&base);
+    err
+}
+
+#[test]
+fn a_run_frozen_after_its_plan_is_fenced_when_it_wakes() {
+    let err = frozen_and_taken_over("pause-after-plan", true);
+    assert!(err.contains("lost the"), "{err}");
+}
+
+#[test]
+fn a_run_frozen_between_its_fence_check_and_its_commit_cannot_land_it() {
+    // Frozen right before its first commit, after its last ownership check: only the commit
+    // itself can refuse it now.
+    frozen_and_taken_over("pause-before-commit", true);
+}
+
+#[test]
+fn a_run_frozen_before_any_work_whose_lock_was_taken_exits_75_too() {
+    // Nothing is left for it to do when it wakes, but it was not the run that owned the
+    // checkpoint.
+    frozen_and_taken_over("pause-after-lock", false);
 }
 
 #[test]
