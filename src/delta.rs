@@ -348,7 +348,15 @@ pub fn column_mapping(table: &DeltaTable) -> Result<Option<ColumnMapping>> {
 
 /// The actions of commit `version`, or `None` when log clean-up removed it.
 pub async fn commit_actions(table: &DeltaTable, version: u64) -> Result<Option<Vec<Action>>> {
-    match table.log_store().read_commit_entry(version).await? {
+    log_actions(&table.log_store(), version).await
+}
+
+/// [`commit_actions`] through a table's log store (the source walks the events log with it).
+pub async fn log_actions(
+    log: &deltalake::logstore::LogStoreRef,
+    version: u64,
+) -> Result<Option<Vec<Action>>> {
+    match log.read_commit_entry(version).await? {
         Some(bytes) => Ok(Some(get_actions(version, &bytes)?)),
         None => Ok(None),
     }

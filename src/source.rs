@@ -22,7 +22,7 @@ use datafusion::physical_expr::PhysicalExpr;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use deltalake::DeltaTable;
 use deltalake::kernel::Action;
-use deltalake::logstore::{LogStoreRef, get_actions};
+use deltalake::logstore::LogStoreRef;
 use futures::StreamExt;
 use object_store::ObjectStore;
 use object_store::path::Path;
@@ -78,16 +78,17 @@ pub async fn read_version(
     version: u64,
     on_change: OnChangeCommit,
 ) -> Result<VersionFiles> {
-    let bytes = log_store.read_commit_entry(version).await?.ok_or_else(|| {
-        Error::Source(format!(
-            "version {version} of the events table is no longer in its log (removed by log \
+    let actions = crate::delta::log_actions(log_store, version)
+        .await?
+        .ok_or_else(|| {
+            Error::Source(format!(
+                "version {version} of the events table is no longer in its log (removed by log \
              clean-up, see delta.logRetentionDuration), so the events it added cannot be read \
              incrementally. Start a new checkpoint (a new --checkpoint location) with \
              --starting-version set to the oldest version still in the log, and backfill the gap \
              separately if you need it"
-        ))
-    })?;
-    let actions = get_actions(version, &bytes)?;
+            ))
+        })?;
     let mut files = Vec::new();
     let mut removes = 0usize;
     let mut operation = String::from("unknown operation");
@@ -167,10 +168,10 @@ pub async fn first_version_at_or_after(
     let want = at.timestamp_millis();
     let mut first = latest + 1;
     for v in (0..=latest).rev() {
-        let Some(bytes) = log_store.read_commit_entry(v).await? else {
+        let Some(actions) = crate::delta::log_actions(log_store, v).await? else {
             break; // older versions are gone: start at the oldest one still there
         };
-        let ts = get_actions(v, &bytes)?.into_iter().find_map(|a| match a {
+        let ts = actions.into_iter().find_map(|a| match a {
             Action::CommitInfo(ci) => ci.timestamp,
             _ => None,
         });

@@ -7,7 +7,7 @@ use std::io::Write;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use deltalake::kernel::Action;
-use deltalake::logstore::{LogStoreRef, get_actions};
+use deltalake::logstore::LogStoreRef;
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
@@ -213,10 +213,10 @@ async fn status_of(tables: &crate::config::Tables) -> Result<Status> {
 async fn max_event_time(log: &LogStoreRef, from: u64, to: u64, column: &str) -> Option<i64> {
     let maxima: Vec<Option<i64>> = futures::stream::iter(from..=to)
         .map(|v| async move {
-            let Some(bytes) = log.read_commit_entry(v).await? else {
-                return Ok::<_, deltalake::DeltaTableError>(None);
+            let Some(actions) = crate::delta::log_actions(log, v).await? else {
+                return Ok::<_, crate::Error>(None);
             };
-            Ok(get_actions(v, &bytes)?
+            Ok(actions
                 .into_iter()
                 .filter_map(|a| match a {
                     Action::Add(add) if add.data_change => add.stats,
