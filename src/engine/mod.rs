@@ -345,7 +345,7 @@ impl Engine {
 
         // 3. Per key, cut sessions (or pairs) and decide which close.
         let cut = if self.spec.pairs {
-            self.cut_pairs(&sorted, &ranges, &is_new, new_watermark, flush)?
+            self.cut_pairs(&sorted, &unsorted, &ranges, &is_new, new_watermark, flush)?
         } else {
             self.cut_sessions(&sorted, &unsorted, &ranges, &is_new, new_watermark, flush)?
         };
@@ -416,6 +416,7 @@ impl Engine {
     fn cut_pairs(
         &self,
         sorted: &RecordBatch,
+        unsorted: &output::Unsorted,
         ranges: &[std::ops::Range<usize>],
         is_new: &[bool],
         watermark: Option<i64>,
@@ -455,8 +456,8 @@ impl Engine {
         }
         pending_rows.sort_unstable();
         Ok(Cut {
-            closed: pairs::closed_pairs(&self.spec, sorted, times, &closed)?,
-            live: pairs::live_pairs(&self.spec, sorted, times, &live)?,
+            closed: pairs::closed_pairs(&self.spec, sorted, unsorted, times, &closed)?,
+            live: pairs::live_pairs(&self.spec, sorted, unsorted, times, &live)?,
             pending_rows,
             open_count,
             largest_open: 0,

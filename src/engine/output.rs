@@ -195,7 +195,7 @@ impl Unsorted<'_> {
     }
 
     /// The tie-break columns of `all`.
-    fn positions(&self) -> Positions<'_> {
+    pub(super) fn positions(&self) -> Positions<'_> {
         let col = |name: &str| self.all.column_by_name(name).expect("tie-break column");
         Positions {
             versions: col(VERSION_COL).as_primitive::<Int64Type>().values(),
@@ -208,14 +208,14 @@ impl Unsorted<'_> {
 }
 
 /// Where each event came from: (commit version, file ordinal, row in file).
-struct Positions<'a> {
+pub(super) struct Positions<'a> {
     versions: &'a [i64],
     files: &'a [i32],
     rows: &'a [i64],
 }
 
 impl Positions<'_> {
-    fn of(&self, i: usize) -> (i64, i32, i64) {
+    pub(super) fn of(&self, i: usize) -> (i64, i32, i64) {
         (self.versions[i], self.files[i], self.rows[i])
     }
 }

@@ -24,7 +24,7 @@ use arrow::datatypes::{DataType, SchemaRef};
 use arrow::error::ArrowError;
 
 use super::input::EventSpec;
-use super::output::{key_fields, ts_type};
+use super::output::{Unsorted, key_fields, ts_type};
 use super::{field, schema_of};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,13 +135,27 @@ pub fn pairs_live_schema(spec: &EventSpec) -> SchemaRef {
     schema_of(fs)
 }
 
-/// A pair's id: key values, start and end (either may be missing).
-fn pair_id(keys: &[ArrayRef], row: usize, start: Option<i64>, end: Option<i64>) -> String {
+/// A pair's id: key values, start and end (either may be missing), and the position
+/// (version, file, row) of its first event, so that two rows of one key with the same times
+/// (two ends at one instant, each `missing_start`) get two ids, the same on every replay.
+fn pair_id(
+    keys: &[ArrayRef],
+    row: usize,
+    start: Option<i64>,
+    end: Option<i64>,
+    first: (i64, i32, i64),
+) -> String {
     let missing = i64::MIN;
     super::output::hash_id(
         keys,
         row,
-        &[start.unwrap_or(missing), end.unwrap_or(missing)],
+        &[
+            start.unwrap_or(missing),
+            end.unwrap_or(missing),
+            first.0,
+            first.1 as i64,
+            first.2,
+        ],
     )
 }
 
@@ -155,6 +169,7 @@ struct Cols {
 fn gather(
     spec: &EventSpec,
     sorted: &RecordBatch,
+    unsorted: &Unsorted,
     times: &[i64],
     rows: &[&PairRow],
 ) -> Result<Cols, ArrowError> {
@@ -169,11 +184,12 @@ fn gather(
         .collect::<Result<_, _>>()?;
     let start_of = |r: &PairRow| r.start.map(|i| times[i]);
     let end_of = |r: &PairRow| r.end.map(|i| times[i]);
-    let ids = StringArray::from_iter_values(
-        rows.iter()
-            .enumerate()
-            .map(|(i, r)| pair_id(&keys, i, start_of(r), end_of(r))),
-    );
+    let positions = unsorted.positions();
+    let ids = StringArray::from_iter_values(rows.iter().enumerate().map(|(i, r)| {
+        let first = r.start.or(r.end).expect("a pair row has an event");
+        let at = positions.of(unsorted.perm[first] as usize);
+        pair_id(&keys, i, start_of(r), end_of(r), at)
+    }));
     let start =
         TimestampMicrosecondArray::from(rows.iter().map(|r| start_of(r)).collect::<Vec<_>>())
             .with_timezone("UTC");
@@ -191,11 +207,12 @@ fn gather(
 pub fn closed_pairs(
     spec: &EventSpec,
     sorted: &RecordBatch,
+    unsorted: &Unsorted,
     times: &[i64],
     rows: &[PairRow],
 ) -> Result<RecordBatch, ArrowError> {
     let refs: Vec<&PairRow> = rows.iter().collect();
-    let c = gather(spec, sorted, times, &refs)?;
+    let c = gather(spec, sorted, unsorted, times, &refs)?;
     let duration: Int64Array = rows
         .iter()
         .map(|r| match (r.start, r.end) {
@@ -218,11 +235,12 @@ pub fn closed_pairs(
 pub fn live_pairs(
     spec: &EventSpec,
     sorted: &RecordBatch,
+    unsorted: &Unsorted,
     times: &[i64],
     rows: &[(PairRow, bool)],
 ) -> Result<RecordBatch, ArrowError> {
     let refs: Vec<&PairRow> = rows.iter().map(|(r, _)| r).collect();
-    let c = gather(spec, sorted, times, &refs)?;
+    let c = gather(spec, sorted, unsorted, times, &refs)?;
     let mut cols: Vec<ArrayRef> = c.keys;
     cols.push(Arc::new(c.ids));
     cols.push(Arc::new(c.start));

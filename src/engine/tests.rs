@@ -1114,6 +1114,24 @@ fn pair_rows(batch: &RecordBatch) -> Vec<PairOut> {
 }
 
 #[test]
+fn pair_rows_of_one_key_at_one_instant_get_distinct_ids() {
+    // Two ends at the same instant with no start: two `missing_start` rows, same key and times.
+    let e = pairs_engine(0, 60);
+    let batch = pair_events(0, &[(1, 0, 'E'), (1, 0, 'E')]);
+    let out = e.step(&empty(), &[batch.clone()], None, true).unwrap();
+    let closed = out.closed();
+    assert_eq!(pair_rows(&closed).len(), 2);
+    let ids = closed.column(0).as_string::<i32>();
+    assert_ne!(ids.value(0), ids.value(1));
+    let again = e.step(&empty(), &[batch], None, true).unwrap().closed();
+    let again = again.column(0).as_string::<i32>();
+    assert_eq!(
+        (ids.value(0), ids.value(1)),
+        (again.value(0), again.value(1))
+    );
+}
+
+#[test]
 fn a_pair_started_in_one_run_completes_in_a_later_one() {
     let e = pairs_engine(5, 60);
     let first = e
