@@ -2,10 +2,13 @@
 # Benchmark: a backlog of N events sessionized in one run, then the incremental case.
 #
 #   scripts/bench.sh [--events N] [--commits C] [--users U] [--seed S] [--small-commits K]
-#                    [--batch-limit SIZE]
+#                    [--batch-limit SIZE] [--shards N]
 #
 # The backlog is also run once more, on a copy of the same events, with
 # `--max-bytes-per-batch SIZE` (default 32MiB) to show the peak memory following the batch.
+# With `--shards N`, the backlog is run a third time, on another copy, as N shard processes
+# started together on this machine (`sessionize --shards N --shard I`): the wall time of the
+# whole, and the largest peak RSS of one shard.
 #
 # Prints the figures of each run (wall seconds, events/s, peak RSS, per-phase times from the
 # JSON summary) and ends with `bench: N events in S s = E events/s, peak RSS M MiB`.
@@ -19,6 +22,7 @@ USERS=""
 SEED=7
 SMALL_COMMITS=1000
 BATCH_LIMIT=32MiB
+SHARDS=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --events) EVENTS="$2"; shift 2 ;;
@@ -27,6 +31,7 @@ while [ $# -gt 0 ]; do
         --seed) SEED="$2"; shift 2 ;;
         --small-commits) SMALL_COMMITS="$2"; shift 2 ;;
         --batch-limit) BATCH_LIMIT="$2"; shift 2 ;;
+        --shards) SHARDS="$2"; shift 2 ;;
         *) echo "bench: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -73,6 +78,7 @@ echo "bench: generated in $(python3 -c "print(f'{$(date +%s.%N) - $start:.1f}')"
 # and write-back of freshly generated files otherwise lands in the read phase (seconds here).
 # A copy of the same events for the run with a batch limit.
 mkdir -p "$BASE/limited" && cp -r "$BASE/events" "$BASE/limited/events"
+if [ -n "$SHARDS" ]; then mkdir -p "$BASE/sharded" && cp -r "$BASE/events" "$BASE/sharded/events"; fi
 sync
 
 echo "| run | events | closed | pending | wall s | events/s | peak RSS MiB | plan | read | sessionize | write_sessions | merge_live | write_state | commit |"
@@ -96,3 +102,32 @@ read -r L_ROWS L_SECS L_RATE L_RSS < "$BASE/last.json.line" || true
 
 echo "bench: with --max-bytes-per-batch $BATCH_LIMIT: $L_ROWS events in $L_SECS s, peak RSS $L_RSS MiB"
 echo "bench: $B_ROWS events in $B_SECS s = $B_RATE events/s, peak RSS $B_RSS MiB"
+
+if [ -n "$SHARDS" ]; then
+    # N shard processes at once on one machine: they share its cores, so this shows the cost
+    # of the shared reads and concurrent commits rather than N machines' speed.
+    start=$(date +%s.%N)
+    pids=()
+    for i in $(seq 0 $((SHARDS - 1))); do
+        /usr/bin/time -v "$BIN" sessionize --base-dir "$BASE/sharded" --output json \
+            --shards "$SHARDS" --shard "$i" >"$BASE/shard$i.json" 2>"$BASE/shard$i.time" &
+        pids+=($!)
+    done
+    for p in "${pids[@]}"; do wait "$p" || { cat "$BASE"/shard*.time >&2; exit 1; }; done
+    end=$(date +%s.%N)
+    python3 - "$SHARDS" "$start" "$end" "$BASE" <<'PY'
+import json, re, sys
+n, start, end, base = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+rows = closed = 0
+rss = []
+for i in range(n):
+    s = json.load(open(f"{base}/shard{i}.json"))
+    rows += s["rows_read"]; closed += s["sessions_closed"]
+    t = open(f"{base}/shard{i}.time").read()
+    rss.append(int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", t).group(1)) / 1024)
+secs = end - start
+print(f"bench: backlog as {n} shard processes on this machine: {rows} events ({closed} sessions "
+      f"closed) in {secs:.2f} s = {rows / secs:,.0f} events/s, largest peak RSS of one shard "
+      f"{max(rss):.0f} MiB")
+PY
+fi

@@ -43,7 +43,8 @@ binary that exits 0 without printing a JSON summary, fails at once: no retry fix
 Why exit 1 retries: every run is exactly-once (README, "Guarantees"), so a retry only does
 what the previous run left undone and can never write a session twice. Exit 1 covers the
 transient failures (a dropped connection, an object-store 503, a stalled read that gave up)
-that a retry a minute later fixes, so it is retried with exponential back-off (1, 2, 4 min).
+that a retry a minute later fixes, so it is retried with exponential back-off (at least 1,
+2 and 4 minutes; Airflow adds up to as much again).
 It also covers the permanent ones (a source commit that removes data, a corrupt checkpoint):
 for those the retries cost a few minutes and change nothing, and the task then fails loudly
 with the tool's error. Exit 2 is never retried: a bad flag, a missing column, a checkpoint
@@ -66,6 +67,7 @@ downstream tasks can read `sessions_closed`, `watermark` and so on.
 from __future__ import annotations
 
 import errno
+import inspect
 import json
 import logging
 import os
@@ -86,7 +88,7 @@ except ImportError:  # Airflow 2.x
     from airflow.models import Variable
 
     AIRFLOW_3 = False
-try:  # Airflow 3.1 and later
+try:  # newer Airflow 3 (3.3 has them here; 3.0 does not)
     from airflow.sdk.exceptions import AirflowException, AirflowFailException
 except ImportError:  # Airflow 2.x and 3.0
     from airflow.exceptions import AirflowException, AirflowFailException
@@ -108,8 +110,9 @@ EVERY_MINUTES = _env_number("AIRFLOW_VAR_SESSIONIZER_EVERY_MIN", 10)
 TIMEOUT_MINUTES = _env_number("AIRFLOW_VAR_SESSIONIZER_TIMEOUT_MIN", 30)
 RETRIES = int(_env_number("AIRFLOW_VAR_SESSIONIZER_RETRIES", 5))
 RETRY_DELAY_MINUTES = _env_number("AIRFLOW_VAR_SESSIONIZER_RETRY_DELAY_MIN", 1)
-# Exit 1 (and a death by signal, a timeout) is retried only while the try number is at most
-# this: with 3, the first three retries; exit 75 may use all RETRIES.
+# Exit 1 (and a death by signal, or an unknown exit code) is retried only while the try
+# number is at most this: with 3, the first three retries. Exit 75 and a timeout may use all
+# RETRIES.
 FAILURE_RETRIES = 3
 # How long the binary's process group gets between SIGTERM and SIGKILL when the task is
 # stopped. sessionizer has no SIGTERM handler and dies at once; keep this below Airflow 3's
@@ -118,7 +121,31 @@ KILL_GRACE_SECONDS = 3
 
 # Errors from starting the binary that no retry fixes: it is missing, not executable, or
 # not a program for this machine.
-_BAD_BINARY = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOEXEC, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENAMETOOLONG}
+_BAD_BINARY = {
+    errno.ENOENT,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOEXEC,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.ELOOP,
+    errno.ENAMETOOLONG,
+}
+
+
+def _exponential_backoff():
+    """The retry_exponential_backoff argument: a multiplier where Airflow takes one (3.3 and
+    later, where True would mean 1, no back-off at all), else True (2.x and 3.0, a bool)."""
+    if not AIRFLOW_3:
+        return True
+    try:
+        from airflow.sdk import BaseOperator
+
+        param = inspect.signature(BaseOperator.__init__).parameters["retry_exponential_backoff"]
+    except (ImportError, KeyError, TypeError, ValueError):
+        return True
+    return 2.0 if "bool" not in str(param.annotation) else True
+
 
 # tracing levels of the JSON log lines -> logging levels (Airflow has no TRACE)
 _LEVELS = {
@@ -163,7 +190,11 @@ def build_command(settings: dict) -> list[str]:
 
 def _format_field(value) -> str:
     if isinstance(value, str):
-        return value if value and not any(c.isspace() or c in "\"=" for c in value) else json.dumps(value)
+        return (
+            value
+            if value and not any(c.isspace() or c in '"=' for c in value)
+            else json.dumps(value)
+        )
     return json.dumps(value, separators=(",", ":"))
 
 
@@ -300,9 +331,14 @@ def run_sessionizer(**context):
         raise AirflowException("sessionizer: checkpoint held by another run (exit 75); will retry")
     if returncode in (EXIT_USAGE, EXIT_FAILPOINT):
         # Usage and configuration errors, refused runs and bugs are not fixed by waiting.
-        raise AirflowFailException(f"sessionizer failed with exit {returncode} (not retried):\n{detail}")
+        raise AirflowFailException(
+            f"sessionizer failed with exit {returncode} (not retried):\n{detail}"
+        )
     if returncode < 0:
-        what = f"was killed by {signal.Signals(-returncode).name}"
+        try:
+            what = f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            what = f"was killed by signal {-returncode}"
     else:
         what = f"failed with exit {returncode}"
     if try_number > FAILURE_RETRIES:
@@ -328,8 +364,7 @@ with DAG(
         task_id="sessionize",
         retries=RETRIES,
         retry_delay=timedelta(minutes=RETRY_DELAY_MINUTES),
-        # Airflow 3 takes a multiplier (True would be 1: no back-off); Airflow 2 a bool.
-        retry_exponential_backoff=2.0 if AIRFLOW_3 else True,
+        retry_exponential_backoff=_exponential_backoff(),  # doubles the delay each retry
         max_retry_delay=timedelta(minutes=10),
         execution_timeout=timedelta(minutes=TIMEOUT_MINUTES),
     )(run_sessionizer)()
