@@ -46,6 +46,8 @@ use crate::delta::{self, BatchTag, Fence};
 use crate::error::{Error, Result};
 
 const IDENTITY: &str = "_sessionizer/checkpoint.json";
+/// Written by `reshard` in each shard checkpoint it replaced.
+const RETIRED: &str = "_sessionizer/retired.json";
 /// Where releases before per-batch plan files kept the one current plan.
 const LEGACY_PLAN: &str = "_sessionizer/plan.json";
 const PLANS: &str = "_sessionizer/plans";
@@ -326,6 +328,17 @@ impl Checkpoint {
         }
     }
 
+    /// Why this checkpoint may no longer run, if `reshard` replaced it.
+    pub async fn retired(&self) -> Result<Option<serde_json::Value>> {
+        self.get_json(RETIRED).await
+    }
+
+    /// Marks this checkpoint as replaced (by `reshard`): runs on it are refused from now on.
+    pub async fn retire(&self, why: &serde_json::Value, fence: &Fence) -> Result<()> {
+        fence.check().await?;
+        self.put_json(RETIRED, why, PutMode::Overwrite).await
+    }
+
     fn plan_path(seq: i64) -> String {
         format!("{PLANS}/{seq:020}.json")
     }
@@ -487,7 +500,7 @@ impl Checkpoint {
         let Some(version) = table.version() else {
             return Ok(Progress::default());
         };
-        let actions = delta::commit_actions(table, version as u64)
+        let actions = delta::commit_actions(table, version)
             .await?
             .ok_or_else(|| {
                 self.corrupt(&format!("commit {version} of the state table is missing"))

@@ -110,6 +110,12 @@ pub enum Command {
         after_help = "Example (daily, e.g. from cron):\n  sessionizer maintain --base-dir s3://lake/clicks --retention 7d"
     )]
     Maintain(MaintainArgs),
+    /// Change the number of shards of a sharded run: redistribute the pending state and the
+    /// live table's partitions, under every shard's lock.
+    #[command(
+        after_help = "Example (all 4 shards at the same events version, none running):\n  sessionizer reshard --base-dir s3://lake/clicks --shards 4 --to 3"
+    )]
+    Reshard(ReshardArgs),
     /// Print a shell completion script.
     #[command(
         after_help = "Example:\n  sessionizer completions bash > /etc/bash_completion.d/sessionizer"
@@ -363,6 +369,21 @@ pub struct MaintainArgs {
     /// Take over a lock left by another run even if it has not expired.
     #[arg(long)]
     pub break_lock: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReshardArgs {
+    #[command(flatten)]
+    pub tables: TableArgs,
+    /// How many shards there are now.
+    #[arg(long, env = "SESSIONIZER_SHARDS")]
+    pub shards: u32,
+    /// How many shards there will be.
+    #[arg(long)]
+    pub to: u32,
+    /// Report format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: OutputFormat,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -401,7 +401,7 @@ pub async fn recorded_batch(table: &DeltaTable, app_id: &str, seq: i64) -> Resul
         Some(t) if t > seq => return Ok(Recorded::Beyond(t)),
         Some(_) => {}
     }
-    let latest = table.version().unwrap_or(0).max(0) as u64;
+    let latest = table.version().unwrap_or(0);
     for v in (latest.saturating_sub(WALK_LIMIT)..=latest).rev() {
         let Some(actions) = commit_actions(table, v).await? else {
             break;
@@ -422,7 +422,7 @@ pub async fn recorded_batch(table: &DeltaTable, app_id: &str, seq: i64) -> Resul
 /// latest commits, with the latest batch and table version of each.
 pub async fn other_checkpoints(table: &DeltaTable, own: &str) -> Result<Vec<(String, i64, u64)>> {
     let mut found: Vec<(String, i64, u64)> = Vec::new();
-    let latest = table.version().unwrap_or(0).max(0) as u64;
+    let latest = table.version().unwrap_or(0);
     for v in (latest.saturating_sub(WALK_LIMIT)..=latest).rev() {
         let Some(actions) = commit_actions(table, v).await? else {
             break;

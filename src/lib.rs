@@ -49,6 +49,7 @@ pub async fn run(cli: cli::Cli, out: &mut dyn Write) -> Result<()> {
         Query(a) => commands::query::command(&a, out).await,
         Demo(a) => commands::demo::command(&a, out).await,
         Maintain(a) => commands::maintain::command(&a, out).await,
+        Reshard(a) => commands::reshard::command(&a, out).await,
         Completions(a) => {
             use clap::CommandFactory;
             let mut cmd = cli::Cli::command();

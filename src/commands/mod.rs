@@ -5,6 +5,7 @@ pub mod generate_rows;
 pub mod maintain;
 pub mod query;
 pub mod read_tables;
+pub mod reshard;
 pub mod scenarios;
 pub mod sessionize;
 pub mod status;

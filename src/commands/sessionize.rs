@@ -375,7 +375,7 @@ impl<'a> Job<'a> {
     }
 
     fn latest(&self) -> u64 {
-        self.events.version().unwrap_or(0).max(0) as u64
+        self.events.version().unwrap_or(0)
     }
 
     /// The first events version to read, after `progress`; for a new checkpoint, from
@@ -452,6 +452,13 @@ pub async fn run(settings: &Settings) -> Result<RunSummary> {
     // Everything that can refuse the run is checked before the first write, even on a new
     // checkpoint: a refused run leaves no trace.
     let existing = cp.identity().await?;
+    if let Some(why) = cp.retired().await? {
+        return Err(Error::usage(format!(
+            "the checkpoint `{}` was replaced by `sessionizer reshard` ({why}); run with the \
+             new --shards",
+            cp.loc
+        )));
+    }
     match &existing {
         Some(id) => id.check_matches(&job.wanted, &cp.loc)?,
         None => {

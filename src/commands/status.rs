@@ -261,8 +261,8 @@ pub async fn command(args: &StatusArgs, out: &mut dyn Write) -> Result<()> {
             OutputFormat::Text => {
                 writeln!(
                     out,
-                    "{:<7}{:>10}{:>10}{:>9}  {:<28} {}",
-                    "shard", "version", "behind", "pending", "watermark", "lock"
+                    "{:<7}{:>10}{:>10}{:>9}  {:<28} lock",
+                    "shard", "version", "behind", "pending", "watermark"
                 )?;
                 for (i, s) in all.each.iter().enumerate() {
                     match s {

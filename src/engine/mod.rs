@@ -666,29 +666,36 @@ const MACHINE_SALT: u64 = 2;
 /// The shard of a key is stable on every platform and release: `mix(h, 2) mod count`, where
 /// `h` is the key itself for one BIGINT key column and otherwise the XXH3-64 hash of the key
 /// values in the engine's own encoding (type tag, then little-endian integers or
-/// length-prefixed UTF-8, see [`session_id`]), and `mix(h, s) = ((h xor s * 0xD6E8FEB86659FD93)
-/// * 0x9E3779B97F4A7C15) >> 32` (wrapping 64-bit arithmetic). Rows with a null key column
-/// belong to shard 0, so that each invalid row is counted once.
+/// length-prefixed UTF-8, see [`session_id`]), and
+/// `mix(h, s) = ((h xor s·0xD6E8FEB86659FD93)·0x9E3779B97F4A7C15) >> 32` (wrapping 64-bit
+/// arithmetic). Rows with a null key column belong to shard 0, so that each invalid row is
+/// counted once.
 pub fn in_shard(
     batch: &RecordBatch,
     keys: &[String],
     index: u32,
     count: u32,
 ) -> Result<BooleanArray, ArrowError> {
-    let n = batch.num_rows();
-    let ids = bucket_ids(batch, keys, count as usize, MACHINE_SALT);
-    let mut null = vec![false; n];
+    Ok(shard_of(batch, keys, count)
+        .into_iter()
+        .map(|s| Some(s == index))
+        .collect())
+}
+
+/// The machine shard (of `count`) of every row of `batch`, as [`in_shard`] defines it.
+pub fn shard_of(batch: &RecordBatch, keys: &[String], count: u32) -> Vec<u32> {
+    let mut ids = bucket_ids(batch, keys, count as usize, MACHINE_SALT);
     for k in keys {
         let c = batch.column_by_name(k).expect("key column");
         if let Some(nulls) = c.logical_nulls() {
             for (r, valid) in nulls.iter().enumerate() {
-                null[r] |= !valid;
+                if !valid {
+                    ids[r] = 0;
+                }
             }
         }
     }
-    Ok((0..n)
-        .map(|r| Some(if null[r] { index == 0 } else { ids[r] == index }))
-        .collect())
+    ids
 }
 
 /// Row indices of each bucket, in row order.

@@ -394,7 +394,9 @@ fn sessions_of_one_key_starting_at_one_instant_get_distinct_ids() {
     // start at 0.
     let e = engine(30, 0);
     let b = marked(0, &[(1, 0, "deposit", true), (1, 0, "next", false)]);
-    let out = e.step(&empty(), &[b.clone()], None, true).unwrap();
+    let out = e
+        .step(&empty(), std::slice::from_ref(&b), None, true)
+        .unwrap();
     let closed = out.closed();
     assert_eq!(closed.num_rows(), 2);
     let ids = closed.column(0).as_string::<i32>();
@@ -1118,7 +1120,9 @@ fn pair_rows_of_one_key_at_one_instant_get_distinct_ids() {
     // Two ends at the same instant with no start: two `missing_start` rows, same key and times.
     let e = pairs_engine(0, 60);
     let batch = pair_events(0, &[(1, 0, 'E'), (1, 0, 'E')]);
-    let out = e.step(&empty(), &[batch.clone()], None, true).unwrap();
+    let out = e
+        .step(&empty(), std::slice::from_ref(&batch), None, true)
+        .unwrap();
     let closed = out.closed();
     assert_eq!(pair_rows(&closed).len(), 2);
     let ids = closed.column(0).as_string::<i32>();

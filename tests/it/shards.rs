@@ -187,3 +187,75 @@ fn a_shard_flag_without_a_count_or_out_of_range_is_a_usage_error() {
     let out = other.run(&["sessionize", "--shards", "2", "--shard", "0"]);
     assert_eq!(out.code(), 2, "{}", out.stderr());
 }
+
+#[test]
+fn reshard_four_to_three_then_more_events_equals_one_unsharded_run() {
+    let (one, many) = (Base::new(), Base::new());
+    generate(&one);
+    copy_dir(&one.table("events"), &many.table("events"));
+    one.ok(&["sessionize"]);
+    all_shards(&many, 4, &[]);
+    // A reshard killed half-way (after the new states, then after the live table) leaves
+    // tables no run can write to, and the same command then finishes the job.
+    for point in ["reshard-after-states", "reshard-after-live"] {
+        let out = many.run_env(
+            &["reshard", "--shards", "4", "--to", "3"],
+            &[("SESSIONIZER_FAILPOINT", point)],
+        );
+        assert_eq!(out.code(), 101, "{point}: {}", out.stderr());
+        let old = many.run(&["sessionize", "--shards", "4", "--shard", "1"]);
+        assert_eq!(old.code(), 2, "{point}: {}", old.stderr());
+        let new = many.run(&["sessionize", "--shards", "3", "--shard", "1"]);
+        assert_eq!(new.code(), 2, "{point}: {}", new.stderr());
+    }
+    let r = many
+        .ok(&["reshard", "--shards", "4", "--to", "3", "--output", "json"])
+        .json();
+    assert!(r["pending_events"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["live_rows"].as_u64().unwrap() > 0, "{r}");
+    // The old shards are retired: a run on them is refused, and writes nothing.
+    let before = output_versions(&many);
+    let out = many.run(&["sessionize", "--shards", "4", "--shard", "0"]);
+    assert_eq!(out.code(), 2, "{}", out.stderr());
+    assert!(out.stderr().contains("reshard"), "{}", out.stderr());
+    assert_eq!(output_versions(&many), before);
+    // More events, three shards, then everything closed: the same as one unsharded run.
+    for b in [&one, &many] {
+        b.gen_at("2026-02-15T11:00:00Z");
+        b.ok(&["generate-rows", "--closing"]);
+    }
+    one.ok(&["sessionize", "--flush"]);
+    all_shards(&many, 3, &["--flush"]);
+    assert_eq!(one.rows("sessions"), many.rows("sessions"));
+    assert_eq!(
+        sql(&one.table("live_sessions"), LIVE),
+        sql(&many.table("live_sessions"), LIVE)
+    );
+    let shards = sql(
+        &many.table("live_sessions"),
+        "SELECT DISTINCT shard FROM t ORDER BY shard",
+    );
+    assert_eq!(shards, vec!["0", "1", "2"]);
+    let status = many
+        .ok(&["status", "--shards", "3", "--output", "json"])
+        .json();
+    assert!(status["behind"].is_null(), "{status}");
+}
+
+#[test]
+fn reshard_refuses_shards_at_different_versions() {
+    let base = Base::new();
+    generate(&base);
+    all_shards(&base, 2, &[]);
+    base.ok(&["generate-rows", "--closing"]);
+    base.ok(&["sessionize", "--shards", "2", "--shard", "0"]);
+    let out = base.run(&["reshard", "--shards", "2", "--to", "3"]);
+    assert_eq!(out.code(), 2, "{}", out.stderr());
+    assert!(
+        out.stderr().contains("same events version"),
+        "{}",
+        out.stderr()
+    );
+    // Nothing changed: shard 1 still runs.
+    base.ok(&["sessionize", "--shards", "2", "--shard", "1"]);
+}
