@@ -19,6 +19,8 @@
 #   after-kill the next run takes the killed runs' lock over and succeeds
 #   exit-75    another run holds the checkpoint: the task retries, and succeeds once it is free
 #   exit-1     a binary that always exits 1: retried 3 times with back-off, then fails
+#   sharded    AIRFLOW_VAR_SESSIONIZER_SHARDS=3: one mapped task per shard on fresh tables,
+#              and gather_summaries adds their summaries up
 #
 # Each check prints PASS or FAIL; the script exits 1 if any failed. Airflow's output of each
 # scenario goes to a log in the work folder, which is kept when a check failed (or --keep).
@@ -291,11 +293,21 @@ if what == "ti":
         (run_id,),
     ).fetchone()
     print(json.dumps({"run_id": run_id, "state": row and row[0], "try_number": row and row[1], "max_tries": row and row[2]}))
-elif what == "xcom":
-    row = db.execute(
-        "SELECT value FROM xcom WHERE dag_id = 'sessionizer' AND task_id = 'sessionize' "
-        "AND run_id = ? AND key = 'return_value'",
+elif what == "mapped":
+    rows = db.execute(
+        "SELECT state, map_index FROM task_instance "
+        "WHERE dag_id = 'sessionizer' AND task_id = 'sessionize' AND run_id = ?",
         (run_id,),
+    ).fetchall()
+    ok = sum(1 for state, index in rows if state == "success" and index >= 0)
+    print(json.dumps({"run_id": run_id, "succeeded": ok, "instances": len(rows)}))
+    sys.exit()
+elif what in ("xcom", "gathered"):
+    task_id = "gather_summaries" if what == "gathered" else "sessionize"
+    row = db.execute(
+        "SELECT value FROM xcom WHERE dag_id = 'sessionizer' AND task_id = ? "
+        "AND run_id = ? AND key = 'return_value'",
+        (task_id, run_id),
     ).fetchone()
     value = None
     if row is not None:
@@ -520,6 +532,22 @@ if grep -qE "(ERROR - |\[error +\] )try_dag: simulated transient I/O error" "$wo
     pass "exit-1: the tool's ERROR line is logged at error level"
 else
     fail "exit-1: no error-level 'simulated transient I/O error' line in the task log"
+fi
+
+# 10. sharded: one mapped task per shard, their summaries gathered by a downstream task
+lake2="$work/lake-sharded"
+"$bin" generate-rows --base-dir "$lake2" --users 30 --per-user 5 --at "2026-01-01 00:00:00" >/dev/null
+"$bin" generate-rows --base-dir "$lake2" --closing >/dev/null
+AIRFLOW_VAR_SESSIONIZER_SHARDS=3 AIRFLOW_VAR_SESSIONIZER_ARGS="--base-dir $lake2" \
+    dags_test sharded 2026-01-11T00:00:00+00:00
+mapped=$(db_query mapped)
+gathered=$(db_query gathered)
+count=$({ "$bin" query --base-dir "$lake2" --format csv "SELECT count(*) FROM sessions" 2>/dev/null || true; } | tail -1)
+if [ "$(field "$mapped" succeeded)" = 3 ] && [ "$(field "$gathered" value shards)" = 3 ] \
+    && [ -n "$count" ] && [ "$(field "$gathered" value sessions_closed)" = "$count" ]; then
+    pass "sharded: 3 mapped shard tasks succeeded; gather_summaries adds up to the $count sessions written ($took s)"
+else
+    tail -40 "$work/sharded.log"; fail "sharded: wanted 3 mapped successes and a gathered summary of $count sessions, got $mapped $gathered"
 fi
 
 echo "try-dag: Airflow $version: $passes passed, $failures failed in $(since "$t_start") s"
