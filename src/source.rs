@@ -456,7 +456,8 @@ pub async fn read_events(
 ) -> Result<EventParts> {
     let spec = Arc::new(spec.clone());
     let plan = Arc::new(plan.clone());
-    let jobs: Vec<(u64, i32, DataFile, Option<i64>)> = versions
+    // Each job: version, file ordinal, file, the guard's latest event time, commit time.
+    let jobs: Vec<_> = versions
         .iter()
         .flat_map(|v| {
             let latest = max_skew_us.and_then(|skew| {
@@ -467,19 +468,15 @@ pub async fn read_events(
             v.files
                 .iter()
                 .enumerate()
-                .map(move |(i, f)| (v.version, i as i32, f.clone(), latest))
+                .map(move |(i, f)| (v.version, i as i32, f.clone(), latest, v.committed_ms))
         })
         .collect();
-    let committed: HashMap<u64, Option<i64>> = versions
-        .iter()
-        .map(|v| (v.version, v.committed_ms))
-        .collect();
-    let job_versions: Vec<u64> = jobs.iter().map(|j| j.0).collect();
     let parallel = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
-    let mut files = futures::stream::iter(jobs.into_iter().map(|(v, i, f, latest)| {
+    let mut files = futures::stream::iter(jobs.into_iter().map(|(v, i, f, latest, ms)| {
         let (store, spec, plan) = (store.clone(), spec.clone(), plan.clone());
         tokio::spawn(async move {
-            read_file(store, v, i, &f, &spec, &plan, buckets, latest, shard).await
+            let parts = read_file(store, v, i, &f, &spec, &plan, buckets, latest, shard).await;
+            parts.map(|p| (ms, p))
         })
     }))
     .buffered(parallel);
@@ -488,14 +485,13 @@ pub async fn read_events(
         ..Default::default()
     };
     // Files are taken in job order, so each bucket's pieces stay in read order.
-    let mut job = 0;
     while let Some(file) = files.next().await {
-        let file = file.map_err(|e| Error::Source(format!("a file reader task failed: {e}")))??;
+        let (committed_ms, file) =
+            file.map_err(|e| Error::Source(format!("a file reader task failed: {e}")))??;
         if file.max_time > parts.max_time {
             parts.max_time = file.max_time;
-            parts.max_time_committed_ms = committed.get(&job_versions[job]).copied().flatten();
+            parts.max_time_committed_ms = committed_ms;
         }
-        job += 1;
         parts.rejected.extend(file.rejected);
         for (bucket, pieces) in parts.buckets.iter_mut().zip(file.buckets) {
             bucket.extend(pieces.into_iter().filter(|p| p.rows.num_rows() > 0));
