@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::collections::BTreeMap;
 
 use crate::config::{
-    ByteSize, Collect, Dur, Mode, OnChangeCommit, OutputFormat, Skew, TableLocation, Tables,
+    ByteSize, Collect, Dur, LiveMode, Mode, OnChangeCommit, OutputFormat, Skew, TableLocation, Tables,
     parse_storage_option,
 };
 
@@ -256,6 +256,15 @@ pub struct SessionizeArgs {
         default_value_t = 100_000
     )]
     pub warn_open_session_events: u64,
+    /// How the live table is upserted: rewrite its files (any Delta reader), or
+    /// deletion-vectors (a tick writes what it changed; readers must honour deletion vectors).
+    #[arg(help_heading = OUTPUT,
+        long,
+        env = "SESSIONIZER_LIVE_MODE",
+        value_enum,
+        default_value = "rewrite"
+    )]
+    pub live_mode: LiveMode,
     /// Split the keys over this many shards (workers), each run with its own --shard.
     #[arg(long, env = "SESSIONIZER_SHARDS", help_heading = SHARDS)]
     pub shards: Option<u32>,

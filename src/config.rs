@@ -359,6 +359,17 @@ pub enum OnChangeCommit {
     Skip,
 }
 
+/// How a batch upserts the live table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LiveMode {
+    /// Rewrite the live table's files whole (every Delta reader reads the result).
+    #[default]
+    Rewrite,
+    /// Mark the changed keys' old rows deleted with deletion vectors and append the new rows
+    /// (a tick writes what it changed; readers must honour deletion vectors).
+    DeletionVectors,
+}
+
 /// How sessions are formed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -461,6 +472,7 @@ pub struct Settings {
     pub starting_timestamp: Option<chrono::DateTime<chrono::Utc>>,
     pub break_lock: bool,
     pub warn_open_session_events: u64,
+    pub live_mode: LiveMode,
     /// `--shards N --shard I`: this run folds only shard I's keys, with its own checkpoint.
     pub shard: Option<Shard>,
 }

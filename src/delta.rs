@@ -36,7 +36,7 @@ use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::{Action, StructType, Transaction};
 use deltalake::logstore::get_actions;
 use deltalake::protocol::SaveMode;
-use deltalake::{DeltaTable, DeltaTableError, TableProperty};
+use deltalake::{DeltaTable, DeltaTableError};
 use futures::StreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
@@ -128,6 +128,21 @@ pub async fn create_partitioned(
     append_only: bool,
     partition_by: &[&str],
 ) -> Result<DeltaTable> {
+    let props: &[(&str, &str)] = if append_only {
+        &[("delta.appendOnly", "true")]
+    } else {
+        &[]
+    };
+    create_with(loc, schema, partition_by, props).await
+}
+
+/// [`create_partitioned`] with these table properties.
+pub async fn create_with(
+    loc: &TableLocation,
+    schema: &Schema,
+    partition_by: &[&str],
+    properties: &[(&str, &str)],
+) -> Result<DeltaTable> {
     if let Some(p) = loc.local_path() {
         std::fs::create_dir_all(&p)?;
     }
@@ -143,9 +158,7 @@ pub async fn create_partitioned(
     if !partition_by.is_empty() {
         create = create.with_partition_columns(partition_by.iter().map(|c| c.to_string()));
     }
-    if append_only {
-        create = create.with_configuration_property(TableProperty::AppendOnly, Some("true"));
-    }
+    create = create.with_configuration(properties.iter().map(|(k, v)| (*k, Some(*v))));
     match create.await {
         Ok(t) => Ok(t),
         // Another writer (another shard, say) created it between our look and our create:
@@ -301,6 +314,14 @@ pub fn check_reader_features(table: &DeltaTable, loc: &TableLocation, flag: &str
         )));
     }
     Ok(())
+}
+
+/// Whether the table's protocol lists this writer feature.
+pub fn has_writer_feature(table: &DeltaTable, feature: &str) -> Result<bool> {
+    let (protocol, _) = protocol_and_metadata(table)?;
+    Ok(protocol["writerFeatures"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|f| f.as_str() == Some(feature))))
 }
 
 /// How a table with column mapping names its columns in the data files.
@@ -607,6 +628,24 @@ pub async fn commit(
     }
 }
 
+/// Commits `actions` that change no rows (a compaction under the checkpoint lock, by
+/// `maintain`), without a batch's tag, on the version read and with no retry: a conflict
+/// with a concurrent writer fails it and leaves the table as it was.
+pub async fn commit_untagged(
+    table: DeltaTable,
+    actions: Vec<Action>,
+    operation: deltalake::protocol::DeltaOperation,
+) -> Result<DeltaTable> {
+    use deltalake::kernel::transaction::CommitBuilder;
+    let committed = CommitBuilder::from(CommitProperties::default().with_max_retries(0))
+        .with_actions(actions)
+        .build(Some(table.snapshot()?), table.log_store(), operation)
+        .await?;
+    let mut table = table;
+    table.update_incremental(Some(committed.version())).await?;
+    Ok(table)
+}
+
 /// Commits the written files of a batch in one append commit. Returns whether it committed
 /// (no files, no commit).
 pub async fn commit_files(
@@ -726,7 +765,7 @@ impl FileWriter {
 type FastHash = BuildHasherDefault<twox_hash::XxHash64>;
 
 /// The keys of the rows being upserted, to find the old rows they replace.
-enum KeyMatch {
+pub(crate) enum KeyMatch {
     /// One integer key column that fits in an `i64` (the common case): the values themselves.
     Int(HashSet<i64, FastHash>),
     /// Any other key: row-encoded bytes.
@@ -734,7 +773,7 @@ enum KeyMatch {
 }
 
 impl KeyMatch {
-    fn new(cols: &[ArrayRef]) -> Result<Self> {
+    pub(crate) fn new(cols: &[ArrayRef]) -> Result<Self> {
         use DataType::*;
         // Every value of these types is an Int64 (UInt64 is not: it takes the general path).
         if let [one] = cols
@@ -759,7 +798,7 @@ impl KeyMatch {
     }
 
     /// Which rows of these key columns hold a key that is not being upserted.
-    fn absent(&self, cols: &[ArrayRef]) -> Result<BooleanArray> {
+    pub(crate) fn absent(&self, cols: &[ArrayRef]) -> Result<BooleanArray> {
         Ok(match self {
             Self::Int(set) => {
                 let v = arrow::compute::cast(&cols[0], &DataType::Int64)?;
@@ -777,70 +816,92 @@ impl KeyMatch {
     }
 }
 
-/// Refuses a table that [`rewrite`] cannot carry rows of: one with deletion vectors (written by
-/// another engine), whose files hold rows that are deleted. Checked when the table is opened,
-/// before a run writes anything.
+/// Refuses a table that [`rewrite`] cannot carry rows of: one whose deletion vectors are
+/// stored at absolute paths (written by another engine). Checked when the table is opened,
+/// before a run writes anything. Deletion vectors stored in the table or inline are honoured.
 pub fn check_rewritable(table: &DeltaTable, loc: &TableLocation, flag: &str) -> Result<()> {
+    use deltalake::kernel::StorageType;
     let files = table.snapshot()?.log_data();
-    if files
-        .iter()
-        .any(|f| f.deletion_vector_descriptor().is_some())
-    {
+    if files.iter().any(|f| {
+        f.deletion_vector_descriptor()
+            .is_some_and(|d| d.storage_type == StorageType::AbsolutePath)
+    }) {
         return Err(Error::usage(format!(
-            "{flag} `{loc}` has deletion vectors (another engine wrote them); sessionizer \
-             rewrites its files whole and cannot honour them. Purge them first (Spark: REORG \
+            "{flag} `{loc}` has deletion vectors stored at absolute paths (another engine \
+             wrote them), which sessionizer does not read. Purge them first (Spark: REORG \
              TABLE ... APPLY (PURGE)) or point {flag} at a new location"
         )));
     }
     Ok(())
 }
 
-/// One writer's share of a [`rewrite`]: slices of the new rows, then old files to filter.
+/// An old data file whose rows are carried into a commit's new files, less its deleted rows.
+pub struct Carried {
+    pub path: Path,
+    pub size: u64,
+    pub deleted: Option<Arc<roaring::RoaringTreemap>>,
+}
+
+impl Carried {
+    /// A file of the table as it stands, with the rows its deletion vector deletes.
+    pub async fn of(
+        store: &dyn ObjectStore,
+        f: &deltalake::kernel::LogicalFileView,
+    ) -> Result<Self> {
+        let deleted = match f.deletion_vector_descriptor() {
+            Some(d) => Some(Arc::new(crate::dv::deleted_rows(store, &d).await?)),
+            None => None,
+        };
+        Ok(Self {
+            path: f.object_store_path(),
+            size: f.size() as u64,
+            deleted,
+        })
+    }
+}
+
+/// Which of `n` rows starting at file row `offset` survive `deleted`; `None` when all do.
+pub fn surviving(
+    deleted: Option<&roaring::RoaringTreemap>,
+    offset: u64,
+    n: usize,
+) -> Option<BooleanArray> {
+    let deleted = deleted?;
+    let end = offset + n as u64;
+    if deleted.range_cardinality(offset..end) == 0 {
+        return None;
+    }
+    let mut keep = vec![true; n];
+    let mut it = deleted.iter();
+    it.advance_to(offset);
+    for p in it.take_while(|p| *p < end) {
+        keep[(p - offset) as usize] = false;
+    }
+    Some(BooleanArray::from(keep))
+}
+
+/// One writer's share of [`write_carrying`]: slices of the new rows, then old files to carry.
 #[derive(Default)]
 struct Share {
     new: Vec<RecordBatch>,
-    old: Vec<(object_store::path::Path, u64)>,
+    old: Vec<Carried>,
 }
 
-/// Replaces the table's rows in one commit: removes every current file and adds files holding
-/// `rows` plus, with `keep_other_keys`, the old rows whose key (on those columns) is not among
-/// `rows`. The commit is recorded as `operation` and made as `commit_as` says.
+/// Writes `rows` and the surviving rows of the `old` files into new files of the table (not
+/// committed), leaving out old rows whose key is among `rows` when `upsert_keys` is given.
 ///
 /// It is written as a stream: each old file is read batch by batch and filtered straight into
 /// a writer, so memory follows a file batch, not the table. The work is shared by one writer
-/// per core at most, so a rewrite leaves at most that many files whatever it started from.
+/// per core at most, so it leaves at most that many files whatever it started from.
 /// (delta-rs's MERGE joins the source with the table in memory, and its overwrite encodes on
 /// one thread.)
-pub async fn rewrite(
-    table: DeltaTable,
-    loc: &TableLocation,
+pub async fn write_carrying(
+    table: &DeltaTable,
     rows: RecordBatch,
-    keep_other_keys: Option<&[String]>,
-    operation: deltalake::protocol::DeltaOperation,
-    commit_as: Rewrite<'_>,
-) -> Result<DeltaTable> {
-    // With a partition, only its files are replaced; the other partitions are other writers'.
-    let partition = commit_as.partition.clone();
-    let files: Vec<_> = table
-        .snapshot()?
-        .log_data()
-        .iter()
-        .filter(|f| match &partition {
-            None => true,
-            Some((col, value)) => {
-                f.partition_values_map()
-                    .get(col)
-                    .cloned()
-                    .flatten()
-                    .as_deref()
-                    == Some(value.to_string().as_str())
-            }
-        })
-        .collect();
-    let mut actions: Vec<Action> = files
-        .iter()
-        .map(|f| Action::Remove(f.remove_action(true)))
-        .collect();
+    old: Vec<Carried>,
+    upsert_keys: Option<&[String]>,
+    partition: Option<(String, i32)>,
+) -> Result<Vec<deltalake::kernel::Add>> {
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     let mut shares: Vec<Share> = (0..cores).map(|_| Share::default()).collect();
     // The new rows, in up to one slice per core of at least 250,000 rows.
@@ -851,15 +912,14 @@ pub async fn rewrite(
             .new
             .push(rows.slice(start, chunk.min(n - start)));
     }
-    // The old files whose other keys are carried over, spread over the writers.
-    let mut matcher = None;
-    if let Some(keys) = keep_other_keys.filter(|_| !files.is_empty()) {
-        check_rewritable(&table, loc, "the table")?;
-        matcher = Some(Arc::new(KeyMatch::new(&key_columns(&rows, keys)?)?));
-        for (i, f) in files.iter().enumerate() {
-            let share = &mut shares[(i + n.div_ceil(chunk)) % cores];
-            share.old.push((f.object_store_path(), f.size() as u64));
+    let matcher = match upsert_keys {
+        Some(keys) if !old.is_empty() => {
+            Some(Arc::new(KeyMatch::new(&key_columns(&rows, keys)?)?))
         }
+        _ => None,
+    };
+    for (i, f) in old.into_iter().enumerate() {
+        shares[(i + n.div_ceil(chunk)) % cores].old.push(f);
     }
 
     // Old files are read as the table's schema says (files written by other writers may hold
@@ -867,7 +927,7 @@ pub async fn rewrite(
     let schema = table.snapshot()?.snapshot().arrow_schema();
     let wp = append_writer_properties(&schema);
     let store = table.object_store();
-    let keys = keep_other_keys.unwrap_or_default().to_vec();
+    let keys = upsert_keys.unwrap_or_default().to_vec();
     let mut tasks = tokio::task::JoinSet::new();
     for share in shares
         .into_iter()
@@ -880,38 +940,104 @@ pub async fn rewrite(
             matcher.clone(),
             partition.clone(),
         );
-        let mut writer = FileWriter::new(&table, &wp)?;
+        let mut writer = FileWriter::new(table, &wp)?;
         tasks.spawn(async move {
             for slice in share.new {
                 writer.write(slice).await?;
             }
-            for (path, size) in share.old {
-                let matcher = matcher.as_ref().expect("built when old files are carried");
-                let mut stream = open_parquet(store.clone(), path, size)
+            for f in share.old {
+                let mut stream = open_parquet(store.clone(), f.path, f.size)
                     .await?
                     .with_batch_size(64 * 1024)
                     .build()?;
+                let mut offset = 0u64;
                 while let Some(batch) = stream.next().await {
+                    let batch = batch?;
+                    let keep = surviving(f.deleted.as_deref(), offset, batch.num_rows());
+                    offset += batch.num_rows() as u64;
+                    let batch = match keep {
+                        Some(keep) => arrow::compute::filter_record_batch(&batch, &keep)?,
+                        None => batch,
+                    };
                     // A partition column lives in the log, not in the file.
                     let batch = match &partition {
-                        Some((col, value)) => with_constant(batch?, col, *value)?,
-                        None => batch?,
+                        Some((col, value)) => with_constant(batch, col, *value)?,
+                        None => batch,
                     };
                     let batch = conform(&batch, &schema)?;
-                    let keep = matcher.absent(&key_columns(&batch, &keys)?)?;
-                    writer
-                        .write(arrow::compute::filter_record_batch(&batch, &keep)?)
-                        .await?;
+                    let batch = match &matcher {
+                        Some(m) => {
+                            let absent = m.absent(&key_columns(&batch, &keys)?)?;
+                            arrow::compute::filter_record_batch(&batch, &absent)?
+                        }
+                        None => batch,
+                    };
+                    writer.write(batch).await?;
                 }
             }
             writer.finish().await
         });
     }
+    let mut adds = Vec::new();
     while let Some(done) = tasks.join_next().await {
         // A panic in a writer task is a bug: let it end the run as one (exit 101).
-        let adds = done.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
-        actions.extend(adds.into_iter().map(Action::Add));
+        adds.extend(done.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?);
     }
+    Ok(adds)
+}
+
+/// The files of the table, or of one partition (column, value) of an `Int32` column.
+pub fn partition_files(
+    table: &DeltaTable,
+    partition: Option<&(String, i32)>,
+) -> Result<Vec<deltalake::kernel::LogicalFileView>> {
+    Ok(table
+        .snapshot()?
+        .log_data()
+        .iter()
+        .filter(|f| match partition {
+            None => true,
+            Some((col, value)) => {
+                f.partition_values_map()
+                    .get(col)
+                    .cloned()
+                    .flatten()
+                    .as_deref()
+                    == Some(value.to_string().as_str())
+            }
+        })
+        .collect())
+}
+
+/// Replaces the table's rows in one commit: removes every current file and adds files holding
+/// `rows` plus, with `keep_other_keys`, the old rows whose key (on those columns) is not among
+/// `rows` (see [`write_carrying`]). The commit is recorded as `operation` and made as
+/// `commit_as` says.
+pub async fn rewrite(
+    table: DeltaTable,
+    loc: &TableLocation,
+    rows: RecordBatch,
+    keep_other_keys: Option<&[String]>,
+    operation: deltalake::protocol::DeltaOperation,
+    commit_as: Rewrite<'_>,
+) -> Result<DeltaTable> {
+    // With a partition, only its files are replaced; the other partitions are other writers'.
+    let partition = commit_as.partition.clone();
+    let files = partition_files(&table, partition.as_ref())?;
+    let mut actions: Vec<Action> = files
+        .iter()
+        .map(|f| Action::Remove(f.remove_action(true)))
+        .collect();
+    let mut old = Vec::new();
+    if keep_other_keys.is_some() {
+        check_rewritable(&table, loc, "the table")?;
+        let store = table.object_store();
+        for f in &files {
+            old.push(Carried::of(store.as_ref(), f).await?);
+        }
+    }
+    let adds = write_carrying(&table, rows, old, keep_other_keys, partition).await?;
+    actions.extend(adds.into_iter().map(Action::Add));
     commit(
         table,
         loc,
@@ -954,7 +1080,7 @@ pub fn with_constant(batch: RecordBatch, name: &str, value: i32) -> Result<Recor
 }
 
 /// The key columns of a batch (they are in every batch the live schema describes).
-fn key_columns(batch: &RecordBatch, keys: &[String]) -> Result<Vec<ArrayRef>> {
+pub(crate) fn key_columns(batch: &RecordBatch, keys: &[String]) -> Result<Vec<ArrayRef>> {
     keys.iter()
         .map(|k| {
             batch.column_by_name(k).cloned().ok_or_else(|| {

@@ -11,7 +11,7 @@
 use arrow::array::RecordBatch;
 use deltalake::DeltaTable;
 
-use crate::config::{Shard, TableLocation};
+use crate::config::{LiveMode, Shard, TableLocation};
 
 /// The partition column of a sharded run's live table: the shard that owns the row's key.
 pub const SHARD_COLUMN: &str = "shard";
@@ -121,9 +121,10 @@ pub async fn append(
     delta::commit_files(table, loc, adds, tag).await
 }
 
-/// Upserts the live rows on the key columns: the copy-on-write MERGE delta-rs would commit
-/// (recorded as a MERGE, with the batch's tag), written by [`delta::rewrite`] as a stream.
-/// Returns the number of rows inserted or updated.
+/// Upserts the live rows on the key columns, recorded as a MERGE with the batch's tag: in
+/// [`LiveMode::Rewrite`] the copy-on-write MERGE delta-rs would commit, written by
+/// [`delta::rewrite`] as a stream; in [`LiveMode::DeletionVectors`] a merge-on-read upsert
+/// ([`crate::live`]). Returns the number of rows inserted or updated.
 ///
 /// A sharded run's live table is partitioned by [`SHARD_COLUMN`]: each shard replaces only its
 /// own partition, and its commit's predicate names that partition, so that Delta's conflict
@@ -135,6 +136,7 @@ pub async fn merge_live(
     keys: &[String],
     tag: &BatchTag,
     shard: Option<Shard>,
+    mode: LiveMode,
 ) -> Result<(DeltaTable, usize)> {
     use deltalake::protocol::{DeltaOperation, MergePredicate};
 
@@ -177,6 +179,40 @@ pub async fn merge_live(
         exact: false,
         partition,
     };
-    let table = delta::rewrite(table, loc, rows, Some(keys), operation, commit_as).await?;
+    let table = match mode {
+        LiveMode::Rewrite => {
+            delta::rewrite(table, loc, rows, Some(keys), operation, commit_as).await?
+        }
+        LiveMode::DeletionVectors => {
+            crate::live::upsert(table, loc, rows, keys, operation, commit_as)
+                .await?
+                .0
+        }
+    };
     Ok((table, upserted))
+}
+
+/// Makes sure the live table may hold deletion vectors (`--live-mode deletion-vectors`):
+/// enables them (reader version 3, writer version 7, feature `deletionVectors`) in a commit of
+/// its own when they are not. The commit changes no rows and carries no batch, so a run that
+/// dies after it leaves nothing half-done.
+pub async fn enable_deletion_vectors(table: DeltaTable, loc: &TableLocation) -> Result<DeltaTable> {
+    if delta::has_writer_feature(&table, "deletionVectors")? {
+        return Ok(table);
+    }
+    tracing::info!("enabling deletion vectors on {loc}");
+    let props = [("delta.enableDeletionVectors".to_string(), "true".to_string())];
+    match table
+        .clone()
+        .set_tbl_properties()
+        .with_properties(props.into_iter().collect())
+        .await
+    {
+        Ok(t) => Ok(t),
+        // Another shard enabled them meanwhile.
+        Err(e) => match delta::try_load(loc).await? {
+            Some(t) if delta::has_writer_feature(&t, "deletionVectors")? => Ok(t),
+            _ => Err(e.into()),
+        },
+    }
 }

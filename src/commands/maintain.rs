@@ -1,7 +1,8 @@
 //! `sessionizer maintain`: keep the tables fast to read and cheap to store.
 //!
 //! Under the checkpoint lock (so no run is writing meanwhile), for the sessions, live and late
-//! tables: compact small files (Delta OPTIMIZE, a no-data-change commit), then VACUUM files
+//! tables: purge the live table's deletion vectors ([`crate::live::purge`]), compact small
+//! files (Delta OPTIMIZE; both are no-data-change commits), then VACUUM files
 //! replaced more than `--retention` ago, then write a Delta checkpoint of the log. For the
 //! pending state: VACUUM and a checkpoint.
 //!
@@ -29,6 +30,8 @@ pub struct TableReport {
     /// Small files replaced by OPTIMIZE, and the files that replaced them.
     pub files_compacted: u64,
     pub files_written: u64,
+    /// Live table files whose deletion vectors were purged (rewritten without deleted rows).
+    pub files_purged: u64,
     /// Unreferenced files deleted by VACUUM.
     pub files_vacuumed: u64,
     /// The table version the Delta checkpoint was written for.
@@ -76,6 +79,7 @@ pub async fn maintain(args: &MaintainArgs) -> Result<MaintainReport> {
                 location: cp.state_location().to_string(),
                 files_compacted: 0,
                 files_written: 0,
+                files_purged: 0,
                 files_vacuumed: vacuumed as u64,
                 checkpoint_version: write_checkpoint(&state).await?,
             });
@@ -101,6 +105,12 @@ async fn maintain_output(
     retention: chrono::Duration,
 ) -> Result<TableReport> {
     let (mut table, mut compacted, mut written) = (table, 0, 0);
+    let mut purged = 0;
+    if !args.no_optimize && name == "live_sessions" {
+        let (t, files, _) = crate::live::purge(table).await?;
+        table = t;
+        purged = files as u64;
+    }
     if !args.no_optimize {
         let mut optimize = table.optimize();
         if let Some(size) = args.target_file_size.and_then(|s| NonZeroU64::new(s.0)) {
@@ -126,6 +136,7 @@ async fn maintain_output(
         location: loc.to_string(),
         files_compacted: compacted,
         files_written: written,
+        files_purged: purged,
         files_vacuumed: vacuumed,
         checkpoint_version: write_checkpoint(&table).await?,
     })
@@ -152,9 +163,10 @@ pub async fn command(args: &MaintainArgs, out: &mut dyn Write) -> Result<()> {
             for t in &report.tables {
                 writeln!(
                     out,
-                    "maintain {}: {} small files compacted into {}, {} files older than {} \
-                     vacuumed, checkpoint at version {}",
+                    "maintain {}: {} files with deletion vectors purged, {} small files \
+                     compacted into {}, {} files older than {} vacuumed, checkpoint at version {}",
                     t.table,
+                    t.files_purged,
                     t.files_compacted,
                     t.files_written,
                     t.files_vacuumed,

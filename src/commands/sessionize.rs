@@ -27,7 +27,7 @@ use serde::Serialize;
 
 use crate::checkpoint::{Checkpoint, Identity, LockGuard, Plan, Progress};
 use crate::cli::SessionizeArgs;
-use crate::config::{Collect, Mode, OutputFormat, Settings, split_list};
+use crate::config::{Collect, LiveMode, Mode, OutputFormat, Settings, split_list};
 use crate::delta::{self, BatchRecord, BatchTag};
 use crate::engine::{
     Engine, EventSpec, SessionRules, rejected_schema, sessions_schema, split_by_key,
@@ -182,6 +182,7 @@ impl SessionizeArgs {
             starting_timestamp: self.starting_timestamp,
             break_lock: self.break_lock,
             warn_open_session_events: self.warn_open_session_events,
+            live_mode: self.live_mode,
         };
         s.validate().map_err(Error::Usage)?;
         Ok(s)
@@ -608,6 +609,7 @@ impl Batch<'_> {
         let t = &self.job.settings.tables;
         let spec = &self.job.engine.spec;
         let shard = self.settings().shard;
+        let live_mode = self.settings().live_mode;
         let wanted = [
             (&t.sessions, sessions_schema(spec), true, "--sessions"),
             (
@@ -675,9 +677,20 @@ impl Batch<'_> {
                     } else {
                         &[]
                     };
-                    delta::create_partitioned(loc, schema, *append_only, by).await?
+                    let props: &[(&str, &str)] = match (*flag, *append_only, live_mode) {
+                        (_, true, _) => &[("delta.appendOnly", "true")],
+                        ("--live", _, LiveMode::DeletionVectors) => {
+                            &[("delta.enableDeletionVectors", "true")]
+                        }
+                        _ => &[],
+                    };
+                    delta::create_with(loc, schema, by, props).await?
                 }
             });
+        }
+        if live_mode == LiveMode::DeletionVectors {
+            self.lock.fence().check().await?;
+            tables[1] = sink::enable_deletion_vectors(tables[1].clone(), &t.live).await?;
         }
         let mut tables = tables.into_iter();
         self.outputs = Some(Outputs {
@@ -972,7 +985,8 @@ impl Batch<'_> {
             let keys = &self.job.engine.spec.key_columns;
             let table = o.live.clone();
             let shard = self.job.settings.shard;
-            o.live = sink::merge_live(table, &t.live, out.live.clone(), keys, tag, shard)
+            let mode = self.job.settings.live_mode;
+            o.live = sink::merge_live(table, &t.live, out.live.clone(), keys, tag, shard, mode)
                 .await?
                 .0;
         }

@@ -8,6 +8,7 @@ mod batches;
 mod crash;
 mod fencing;
 mod help;
+mod live_mode;
 mod lock;
 mod models;
 mod ops;

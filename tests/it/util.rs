@@ -17,13 +17,25 @@ pub fn bin() -> &'static str {
 /// A fresh base directory, removed at the end of the test.
 pub struct Base {
     pub dir: tempfile::TempDir,
+    /// Environment variables of every command run on this base.
+    env: Vec<(String, String)>,
 }
 
 impl Base {
     pub fn new() -> Self {
         Self {
             dir: tempfile::tempdir().expect("tempdir"),
+            env: Vec::new(),
         }
+    }
+    /// A base whose every command runs with these environment variables.
+    pub fn with_env(env: &[(&str, &str)]) -> Self {
+        let mut b = Self::new();
+        b.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        b
     }
     pub fn path(&self) -> &Path {
         self.dir.path()
@@ -36,6 +48,9 @@ impl Base {
         let mut cmd = Command::new(bin());
         cmd.args(args).arg("--base-dir").arg(self.path());
         cmd.env_remove("SESSIONIZER_FAILPOINT");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -128,6 +143,13 @@ pub fn rt() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
+}
+
+/// The Delta table at `p`, loaded (it must exist).
+pub fn load(p: &Path) -> deltalake::DeltaTable {
+    rt().block_on(sessionizer::delta::try_load(&loc(p)))
+        .unwrap()
+        .expect("a Delta table")
 }
 
 fn loc(p: &Path) -> TableLocation {
