@@ -3,6 +3,13 @@
 #
 #   scripts/bench.sh [--events N] [--commits C] [--users U] [--seed S] [--small-commits K]
 #                    [--batch-limit SIZE] [--shards N]
+#   scripts/bench.sh --live-keys K1,K2,... [--live-modes rewrite,deletion-vectors] [--seed S]
+#
+# With `--live-keys`, only the tick on a large live table is measured, for each number of
+# live keys and each `--live-mode`: K users with two events each, one backlog run, one
+# closing tick (every key goes offline), then three ticks of 10,000 events over random keys.
+# It prints, per tick, the wall time, the live upsert's time, the bytes the tick added to
+# the live table's folder, and the peak RSS; then the medians.
 #
 # The backlog is also run once more, on a copy of the same events, with
 # `--max-bytes-per-batch SIZE` (default 32MiB) to show the peak memory following the batch.
@@ -23,6 +30,8 @@ SEED=7
 SMALL_COMMITS=1000
 BATCH_LIMIT=32MiB
 SHARDS=""
+LIVE_KEYS=""
+LIVE_MODES="rewrite,deletion-vectors"
 while [ $# -gt 0 ]; do
     case "$1" in
         --events) EVENTS="$2"; shift 2 ;;
@@ -32,6 +41,8 @@ while [ $# -gt 0 ]; do
         --small-commits) SMALL_COMMITS="$2"; shift 2 ;;
         --batch-limit) BATCH_LIMIT="$2"; shift 2 ;;
         --shards) SHARDS="$2"; shift 2 ;;
+        --live-keys) LIVE_KEYS="$2"; shift 2 ;;
+        --live-modes) LIVE_MODES="$2"; shift 2 ;;
         *) echo "bench: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -47,6 +58,61 @@ BIN="${CARGO_TARGET_DIR:-target}/release/sessionizer"
 BASE="$(mktemp -d /tmp/sessionizer-bench.XXXXXX)"
 trap 'rm -rf "$BASE"' EXIT
 AT="2026-02-15T00:00:00Z"
+
+# --live-keys: the tick on a large live table, per number of keys and live mode.
+if [ -n "$LIVE_KEYS" ]; then
+    echo "| live keys | mode | tick | wall s | merge_live ms | bytes added to live | peak RSS MiB |"
+    echo "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"
+    for keys in ${LIVE_KEYS//,/ }; do
+        for mode in ${LIVE_MODES//,/ }; do
+            dir="$BASE/live-$mode-$keys"
+            run() { "$BIN" sessionize --base-dir "$dir" --live-mode "$mode" --output json "$@"; }
+            "$BIN" generate-rows --base-dir "$dir" --users "$keys" --per-user 2 --seed "$SEED" \
+                --at "2026-02-15T00:00:00Z" >/dev/null
+            run >/dev/null 2>&1
+            "$BIN" generate-rows --base-dir "$dir" --closing >/dev/null
+            run >/dev/null 2>&1
+            for t in 1 2 3; do
+                at=$(date -u -d "2026-02-15T02:00:00Z + $(((t - 1) * 10)) hours" +%Y-%m-%dT%H:%M:%SZ)
+                "$BIN" generate-rows --base-dir "$dir" --rows 10000 --commits 1 --users "$keys" \
+                    --seed $((SEED + t)) --at "$at" >/dev/null
+                before=$(du -sb "$dir/live_sessions" | cut -f1)
+                /usr/bin/time -v "$BIN" sessionize --base-dir "$dir" --live-mode "$mode" \
+                    --output json >"$BASE/tick.json" 2>"$BASE/tick.time" \
+                    || { cat "$BASE/tick.time" >&2; exit 1; }
+                after=$(du -sb "$dir/live_sessions" | cut -f1)
+                python3 - "$keys" "$mode" "$t" "$BASE/tick.json" "$BASE/tick.time" \
+                    "$((after - before))" <<'PY' | tee -a "$BASE/live.rows"
+import json, re, sys
+keys, mode, t, summary, timing, added = sys.argv[1:7]
+s = json.load(open(summary))
+tm = open(timing).read()
+rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", tm).group(1)) / 1024
+w = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (.+)", tm).group(1).strip()
+m, sec = w.split(":")[-2:]
+wall = int(m) * 60 + float(sec)
+print(f"| {int(keys):,} | {mode} | {t} | {wall:.2f} | {s['phases']['merge_live']} | "
+      f"{int(added) / 2**20:.1f} MiB | {rss:.0f} |")
+PY
+            done
+            rm -rf "$dir"
+        done
+    done
+    python3 - "$BASE/live.rows" <<'PY'
+import statistics, sys
+by = {}
+for line in open(sys.argv[1]):
+    c = [x.strip() for x in line.strip().strip("|").split("|")]
+    by.setdefault((c[0], c[1]), []).append((float(c[3]), float(c[4]), c[5]))
+for (keys, mode), v in by.items():
+    wall = statistics.median(x[0] for x in v)
+    live = statistics.median(x[1] for x in v)
+    added = sorted(x[2] for x in v)[len(v) // 2]
+    print(f"bench: {keys} live keys, {mode}: tick median {wall:.2f} s, live upsert {live:.0f} ms, "
+          f"{added} added to the live table")
+PY
+    exit 0
+fi
 
 # Runs `sessionize` under /usr/bin/time; prints one table row; leaves the JSON in $BASE/last.json.
 measure() {

@@ -17,6 +17,8 @@
 #   --dir DIR    where the tables and logs go (default: a fresh mktemp dir under /tmp, deleted
 #                at the end when every check passed; a --dir is always kept)
 #   --short      a CI-sized run: fewer rounds and commits (1-2 minutes with a debug binary)
+#   --live-mode M  the soak's runs upsert the live table with `--live-mode M` (rewrite or
+#                deletion-vectors); the reference always rewrites, so check 3 compares the two
 #
 # Each round appends 1-3 commits of random events (`generate-rows --users U --per-user P
 # --seed S --at T`, T = 40 minutes later for each commit, so that every commit's events come
@@ -71,6 +73,7 @@ ROUNDS=""
 SEED=1
 DIR=""
 SHORT=0
+LIVE_MODE=rewrite
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -79,6 +82,7 @@ while [ $# -gt 0 ]; do
         --seed) SEED="${2:?--seed needs a number}"; shift 2 ;;
         --dir) DIR="${2:?--dir needs a path}"; shift 2 ;;
         --short) SHORT=1; shift ;;
+        --live-mode) LIVE_MODE="${2:?--live-mode needs rewrite or deletion-vectors}"; shift 2 ;;
         -h|--help) usage ;;
         *) echo "soak: unknown option $1" >&2; usage ;;
     esac
@@ -158,8 +162,9 @@ for r in range(1, rounds + 1):
 PY
 
 # ---- runs ------------------------------------------------------------------------------------
-common() { # sets CF: the flags of every sessionize run on base dir $1
+common() { # sets CF: the flags of every sessionize run on base dir $1 (the reference: rewrite)
     CF=(--base-dir "$1" --late-events "$1/late_events" --gap "$GAP" --watermark-delay "$DELAY" --output json)
+    if [ "$1" = "$BASE" ]; then CF+=(--live-mode "$LIVE_MODE"); fi
 }
 declare -A CODES=()      # exit code -> runs
 declare -A FAULTS=()     # fault kind -> rounds

@@ -6,8 +6,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::collections::BTreeMap;
 
 use crate::config::{
-    ByteSize, Collect, Dur, LiveMode, Mode, OnChangeCommit, OutputFormat, Skew, TableLocation, Tables,
-    parse_storage_option,
+    ByteSize, Collect, Dur, LiveMode, Mode, OnChangeCommit, OutputFormat, Skew, TableLocation,
+    Tables, parse_storage_option,
 };
 
 /// Help headings, most used first; the global flags come last.

@@ -588,6 +588,14 @@ pub async fn commit(
     use deltalake::kernel::transaction::CommitBuilder;
     tag.fence.check().await?;
     crate::failpoint::pause("pause-before-commit").await;
+    // The same window before the commit to one table, named by its folder.
+    let name = loc.to_string();
+    let table_name = name
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or_default();
+    crate::failpoint::pause(&format!("pause-before-commit-to-{table_name}")).await;
     let props = tag.properties(extra, exact);
     let committed: std::result::Result<DeltaTable, DeltaTableError> = async {
         let committed = CommitBuilder::from(props)
@@ -913,9 +921,7 @@ pub async fn write_carrying(
             .push(rows.slice(start, chunk.min(n - start)));
     }
     let matcher = match upsert_keys {
-        Some(keys) if !old.is_empty() => {
-            Some(Arc::new(KeyMatch::new(&key_columns(&rows, keys)?)?))
-        }
+        Some(keys) if !old.is_empty() => Some(Arc::new(KeyMatch::new(&key_columns(&rows, keys)?)?)),
         _ => None,
     };
     for (i, f) in old.into_iter().enumerate() {

@@ -15,7 +15,9 @@ pub fn hit(name: &str) {
 }
 
 /// For the concurrency and fencing tests: `SESSIONIZER_FAILPOINT=pause-after-lock` (or
-/// `pause-after-plan`, `pause-before-commit`) stops the run there for `SESSIONIZER_PAUSE_MS`
+/// `pause-after-plan`, `pause-before-commit` (the first commit after the fence check),
+/// `pause-before-commit-to-<table folder>`, e.g. `pause-before-commit-to-live_sessions`)
+/// stops the run there for `SESSIONIZER_PAUSE_MS`
 /// (default 3000) milliseconds, as a frozen process would, so that another run can be started
 /// meanwhile (see also `SESSIONIZER_PAUSE_UNTIL` below).
 pub async fn pause(name: &str) {

@@ -183,9 +183,13 @@ pub async fn purge(table: DeltaTable) -> Result<(DeltaTable, usize, u64)> {
     let mut groups: std::collections::BTreeMap<Option<i32>, Vec<&LogicalFileView>> =
         Default::default();
     for f in &files {
-        let value = if partitioned {
-            let v = f.partition_values_map().get(crate::sink::SHARD_COLUMN).cloned();
-            Some(v.flatten().and_then(|v| v.parse::<i32>().ok()).ok_or_else(|| {
+        let value =
+            if partitioned {
+                let v = f
+                    .partition_values_map()
+                    .get(crate::sink::SHARD_COLUMN)
+                    .cloned();
+                Some(v.flatten().and_then(|v| v.parse::<i32>().ok()).ok_or_else(|| {
                 Error::usage(format!(
                     "the live table's file `{}` has no `{}` partition value; only the live \
                      tables sessionizer writes can be purged",
@@ -193,9 +197,9 @@ pub async fn purge(table: DeltaTable) -> Result<(DeltaTable, usize, u64)> {
                     crate::sink::SHARD_COLUMN
                 ))
             })?)
-        } else {
-            None
-        };
+            } else {
+                None
+            };
         groups.entry(value).or_default().push(f);
     }
     let store = table.object_store();
@@ -207,13 +211,13 @@ pub async fn purge(table: DeltaTable) -> Result<(DeltaTable, usize, u64)> {
         let mut carried = Vec::new();
         for f in files {
             let c = Carried::of(store.as_ref(), f).await?;
-            rows += f.num_records().unwrap_or(0) as u64
-                - c.deleted.as_ref().map_or(0, |d| d.len());
+            rows += f.num_records().unwrap_or(0) as u64 - c.deleted.as_ref().map_or(0, |d| d.len());
             carried.push(c);
             actions.push(Action::Remove(f.remove_action(false)));
         }
         let partition = value.map(|v| (crate::sink::SHARD_COLUMN.to_string(), v));
-        let mut adds = delta::write_carrying(&table, empty.clone(), carried, None, partition).await?;
+        let mut adds =
+            delta::write_carrying(&table, empty.clone(), carried, None, partition).await?;
         for a in &mut adds {
             a.data_change = false;
         }
@@ -274,12 +278,8 @@ async fn find(
             .step_by(cores)
             .map(|(i, f)| (i, f.clone()))
             .collect();
-        let (store, matcher, keys, types) = (
-            store.clone(),
-            matcher.clone(),
-            keys.to_vec(),
-            types.clone(),
-        );
+        let (store, matcher, keys, types) =
+            (store.clone(), matcher.clone(), keys.to_vec(), types.clone());
         tasks.spawn(async move {
             let mut out = Vec::new();
             for (i, f) in mine {

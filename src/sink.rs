@@ -201,7 +201,10 @@ pub async fn enable_deletion_vectors(table: DeltaTable, loc: &TableLocation) -> 
         return Ok(table);
     }
     tracing::info!("enabling deletion vectors on {loc}");
-    let props = [("delta.enableDeletionVectors".to_string(), "true".to_string())];
+    let props = [(
+        "delta.enableDeletionVectors".to_string(),
+        "true".to_string(),
+    )];
     match table
         .clone()
         .set_tbl_properties()

@@ -10,7 +10,7 @@ use crate::util::*;
 
 /// A run frozen at a pause point (as a stopped VM or SIGSTOP would leave it) until the test
 /// wakes it.
-struct Frozen {
+pub struct Frozen {
     child: Child,
     wake: std::path::PathBuf,
     _dir: tempfile::TempDir,
@@ -18,13 +18,14 @@ struct Frozen {
 
 impl Frozen {
     /// Starts `sessionize` with `args`, frozen at `point`, and returns once it got there.
-    fn start(base: &Base, args: &[&str], point: &str) -> Self {
+    pub fn start(base: &Base, args: &[&str], point: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let wake = dir.path().join("wake");
         let child = Command::new(bin())
             .args(args)
             .arg("--base-dir")
             .arg(base.path())
+            .envs(base.env.iter().map(|(k, v)| (k, v)))
             .env("SESSIONIZER_FAILPOINT", point)
             .env("SESSIONIZER_PAUSE_UNTIL", &wake)
             .stdout(Stdio::null())
@@ -48,7 +49,7 @@ impl Frozen {
     }
 
     /// Wakes the run and waits for it: exit code and stderr.
-    fn wake(self) -> (Option<i32>, String) {
+    pub fn wake(self) -> (Option<i32>, String) {
         std::fs::write(&self.wake, b"").unwrap();
         let out = self.child.wait_with_output().unwrap();
         (

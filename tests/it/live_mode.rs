@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::Command;
 
 use crate::crash;
+use crate::fencing::Frozen;
 use crate::util::*;
 
 const DV: (&str, &str) = ("SESSIONIZER_LIVE_MODE", "deletion-vectors");
@@ -143,13 +144,24 @@ fn deletion_vectors_hold_the_rewrite_modes_rows_tick_after_tick() {
     let files = active_files(&live);
     assert!(files < 8, "{files} live files after 15 ticks");
     let removed = log_entries(&live, "remove").len();
-    assert!(removed > 20, "files were purged or merged: {removed} removes");
+    assert!(
+        removed > 20,
+        "files were purged or merged: {removed} removes"
+    );
     // Other readers: python deltalake (through its DataFusion engine) sees the same rows.
     if let Some(py) = python_rows(&live) {
         assert_eq!(py, rust_rows(&rewrite.table("live_sessions")));
     }
-    // maintain purges the deletion vectors: no file has one, the rows are the same.
+    // VACUUM keeps the deletion-vector files that live files still reference, however short
+    // the retention: the rows read the same after it.
     let before = dv.rows("live_sessions");
+    dv.ok(&["maintain", "--no-optimize", "--retention", "0s"]);
+    assert_eq!(
+        dv.rows("live_sessions"),
+        before,
+        "VACUUM lost deletion vectors"
+    );
+    // maintain purges the deletion vectors: no file has one, the rows are the same.
     let m = dv.ok(&["maintain", "--output", "json"]).json();
     let purged = m["tables"]
         .as_array()
@@ -255,6 +267,33 @@ fn a_crash_at_every_failpoint_with_deletion_vectors_then_a_rerun_equals_a_clean_
 }
 
 #[test]
+fn a_run_frozen_before_its_live_commit_is_fenced_with_deletion_vectors() {
+    let clean = Base::new();
+    prepare(&clean);
+    clean.ok(crash::RUN);
+    let base = Base::with_env(&[DV]);
+    prepare(&base);
+    // Frozen after its fence check, right before its first commit to the live table (its
+    // deletion vectors already written): another run takes the checkpoint over and finishes.
+    let frozen = Frozen::start(&base, crash::RUN, "pause-before-commit-to-live_sessions");
+    base.ok(&["sessionize", "--max-files-per-batch", "1", "--break-lock"]);
+    let after_takeover = output_versions(&base);
+    let (code, err) = frozen.wake();
+    assert_eq!(code, Some(75), "the stale run must stop: {err}");
+    assert_eq!(
+        output_versions(&base),
+        after_takeover,
+        "the stale run wrote"
+    );
+    crash::assert_same(
+        &crash::snapshot(&clean),
+        &crash::snapshot(&base),
+        "takeover",
+    );
+    assert!(dv_adds(&base.table("live_sessions")) > 0);
+}
+
+#[test]
 fn shards_with_deletion_vectors_equal_one_unsharded_rewrite_run() {
     let one = Base::new();
     let sharded = Base::with_env(&[DV]);
@@ -289,11 +328,7 @@ fn shards_with_deletion_vectors_equal_one_unsharded_rewrite_run() {
             .collect();
         for c in children {
             let c = c.wait_with_output().unwrap();
-            assert!(
-                c.status.success(),
-                "{}",
-                String::from_utf8_lossy(&c.stderr)
-            );
+            assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
         }
         let without_shard = sql(
             &sharded.table("live_sessions"),

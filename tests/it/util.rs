@@ -18,7 +18,7 @@ pub fn bin() -> &'static str {
 pub struct Base {
     pub dir: tempfile::TempDir,
     /// Environment variables of every command run on this base.
-    env: Vec<(String, String)>,
+    pub env: Vec<(String, String)>,
 }
 
 impl Base {
