@@ -3,13 +3,14 @@
 #
 #   scripts/bench.sh [--events N] [--commits C] [--users U] [--seed S] [--small-commits K]
 #                    [--batch-limit SIZE] [--shards N]
-#   scripts/bench.sh --live-keys K1,K2,... [--live-modes rewrite,deletion-vectors] [--seed S]
+#   scripts/bench.sh --live-keys K1,K2,... [--live-modes rewrite,deletion-vectors]
+#                    [--live-ticks T] [--seed S]
 #
 # With `--live-keys`, only the tick on a large live table is measured, for each number of
 # live keys and each `--live-mode`: K users with two events each, one backlog run, one
-# closing tick (every key goes offline), then three ticks of 10,000 events over random keys.
-# It prints, per tick, the wall time, the live upsert's time, the bytes the tick added to
-# the live table's folder, and the peak RSS; then the medians.
+# closing tick (every key goes offline), then T ticks (default 3) of 10,000 events over
+# random keys. It prints, per tick, the wall time, the live upsert's time, the bytes the tick
+# added to the live table's folder, and the peak RSS; then the medians and the slowest tick.
 #
 # The backlog is also run once more, on a copy of the same events, with
 # `--max-bytes-per-batch SIZE` (default 32MiB) to show the peak memory following the batch.
@@ -32,6 +33,7 @@ BATCH_LIMIT=32MiB
 SHARDS=""
 LIVE_KEYS=""
 LIVE_MODES="rewrite,deletion-vectors"
+LIVE_TICKS=3
 while [ $# -gt 0 ]; do
     case "$1" in
         --events) EVENTS="$2"; shift 2 ;;
@@ -43,6 +45,7 @@ while [ $# -gt 0 ]; do
         --shards) SHARDS="$2"; shift 2 ;;
         --live-keys) LIVE_KEYS="$2"; shift 2 ;;
         --live-modes) LIVE_MODES="$2"; shift 2 ;;
+        --live-ticks) LIVE_TICKS="$2"; shift 2 ;;
         *) echo "bench: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -61,8 +64,8 @@ AT="2026-02-15T00:00:00Z"
 
 # --live-keys: the tick on a large live table, per number of keys and live mode.
 if [ -n "$LIVE_KEYS" ]; then
-    echo "| live keys | mode | tick | wall s | merge_live ms | bytes added to live | peak RSS MiB |"
-    echo "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"
+    echo "| live keys | mode | tick | wall s | merge_live ms | bytes added to live | peak RSS MiB | plan/read/sessionize/sessions/state ms |"
+    echo "| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"
     for keys in ${LIVE_KEYS//,/ }; do
         for mode in ${LIVE_MODES//,/ }; do
             dir="$BASE/live-$mode-$keys"
@@ -72,7 +75,7 @@ if [ -n "$LIVE_KEYS" ]; then
             run >/dev/null 2>&1
             "$BIN" generate-rows --base-dir "$dir" --closing >/dev/null
             run >/dev/null 2>&1
-            for t in 1 2 3; do
+            for t in $(seq 1 "$LIVE_TICKS"); do
                 at=$(date -u -d "2026-02-15T02:00:00Z + $(((t - 1) * 10)) hours" +%Y-%m-%dT%H:%M:%SZ)
                 "$BIN" generate-rows --base-dir "$dir" --rows 10000 --commits 1 --users "$keys" \
                     --seed $((SEED + t)) --at "$at" >/dev/null
@@ -91,8 +94,10 @@ rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", tm).group(1)
 w = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (.+)", tm).group(1).strip()
 m, sec = w.split(":")[-2:]
 wall = int(m) * 60 + float(sec)
-print(f"| {int(keys):,} | {mode} | {t} | {wall:.2f} | {s['phases']['merge_live']} | "
-      f"{int(added) / 2**20:.1f} MiB | {rss:.0f} |")
+ph = s["phases"]
+other = "/".join(str(ph[k]) for k in ["plan", "read", "sessionize", "write_sessions", "write_state"])
+print(f"| {int(keys):,} | {mode} | {t} | {wall:.2f} | {ph['merge_live']} | "
+      f"{int(added) / 2**20:.1f} MiB | {rss:.0f} | {other} |")
 PY
             done
             rm -rf "$dir"
@@ -108,8 +113,8 @@ for (keys, mode), v in by.items():
     wall = statistics.median(x[0] for x in v)
     live = statistics.median(x[1] for x in v)
     added = sorted(x[2] for x in v)[len(v) // 2]
-    print(f"bench: {keys} live keys, {mode}: tick median {wall:.2f} s, live upsert {live:.0f} ms, "
-          f"{added} added to the live table")
+    print(f"bench: {keys} live keys, {mode}, {len(v)} ticks: median {wall:.2f} s (slowest "
+          f"{max(x[0] for x in v):.2f} s), live upsert {live:.0f} ms, {added} added to the live table")
 PY
     exit 0
 fi

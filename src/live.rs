@@ -319,12 +319,9 @@ async fn find(
                             }
                         })
                         .collect::<std::result::Result<Vec<_>, _>>()?;
-                    let absent = matcher.absent(&cols)?;
-                    for (j, a) in absent.iter().enumerate() {
-                        if a == Some(false) {
-                            deleted.insert(offset + j as u64);
-                        }
-                    }
+                    matcher.for_each_hit(&cols, |j| {
+                        deleted.insert(offset + j as u64);
+                    })?;
                     offset += batch.num_rows() as u64;
                 }
                 let new_deletions = deleted.len() - before;
@@ -364,7 +361,8 @@ mod tests {
         assert_eq!(tier(8 * 65_536 - 1), 1);
         assert_eq!(tier(8 * 65_536), 2);
         assert_eq!(tier(4_000_000), 2);
-        assert_eq!(tier(40_000_000), 3);
+        assert_eq!(tier(5_000_000), 3);
+        assert_eq!(tier(40_000_000), 4);
     }
 
     #[test]
