@@ -62,7 +62,7 @@ pub async fn deleted_rows(
 /// The file of a `u` descriptor: the optional prefix, then `deletion_vector_<uuid>.bin`.
 fn file_path(encoded: &str) -> Option<Path> {
     let split = encoded.len().checked_sub(UUID_CHARS)?;
-    let (prefix, z) = encoded.split_at(split);
+    let (prefix, z) = encoded.split_at_checked(split)?;
     let uuid = uuid::Uuid::from_slice(&z85::decode(z).ok()?).ok()?;
     let name = format!("deletion_vector_{uuid}.bin");
     Some(if prefix.is_empty() {
@@ -197,6 +197,9 @@ mod tests {
             file_path(&format!("ab{}", z85::encode(uuid.as_bytes()))).unwrap(),
             Path::from(format!("ab/deletion_vector_{uuid}.bin"))
         );
+        // A malformed path is an error, not a panic.
+        assert_eq!(file_path(&format!("é{}", "x".repeat(19))), None);
+        assert_eq!(file_path("short"), None);
     }
 
     #[tokio::test]

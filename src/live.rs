@@ -169,7 +169,8 @@ pub async fn upsert(
 /// Rewrites every file of the table that has a deletion vector into files without (Spark's
 /// `REORG TABLE ... APPLY (PURGE)`): the same rows, in one commit that changes no data, so
 /// that the deleted rows leave the table's storage at the next VACUUM. Returns the files
-/// purged and the rows carried. For `maintain`, under the checkpoint lock.
+/// purged and the rows carried. For `maintain`, under the checkpoint lock; a partition whose
+/// purge loses to a concurrent commit (a shard's run) is left for the next `maintain`.
 pub async fn purge(table: DeltaTable) -> Result<(DeltaTable, usize, u64)> {
     let partitioned = !table.snapshot()?.metadata().partition_columns().is_empty();
     let files: Vec<LogicalFileView> = delta::partition_files(&table, None)?
@@ -202,16 +203,20 @@ pub async fn purge(table: DeltaTable) -> Result<(DeltaTable, usize, u64)> {
             };
         groups.entry(value).or_default().push(f);
     }
-    let store = table.object_store();
     let schema = delta::arrow_schema(&table)?;
     let empty = RecordBatch::new_empty(schema);
-    let mut actions = Vec::new();
-    let mut rows = 0u64;
+    let (mut table, mut purged, mut rows) = (table, 0, 0u64);
+    // One commit per partition: each shard's partition is purged on its own, so that a shard
+    // committing meanwhile conflicts with at most one of them.
     for (value, files) in groups {
+        let store = table.object_store();
+        let mut actions = Vec::new();
         let mut carried = Vec::new();
-        for f in files {
+        let mut group_rows = 0u64;
+        for f in &files {
             let c = Carried::of(store.as_ref(), f).await?;
-            rows += f.num_records().unwrap_or(0) as u64 - c.deleted.as_ref().map_or(0, |d| d.len());
+            group_rows += (f.num_records().unwrap_or(0) as u64)
+                .saturating_sub(c.deleted.as_ref().map_or(0, |d| d.len()));
             carried.push(c);
             actions.push(Action::Remove(f.remove_action(false)));
         }
@@ -222,13 +227,29 @@ pub async fn purge(table: DeltaTable) -> Result<(DeltaTable, usize, u64)> {
             a.data_change = false;
         }
         actions.extend(adds.into_iter().map(Action::Add));
+        let operation = deltalake::protocol::DeltaOperation::Optimize {
+            predicate: value.map(|v| format!("{} = {v}", crate::sink::SHARD_COLUMN)),
+            target_size: 0,
+        };
+        match delta::commit_untagged(table.clone(), actions, operation).await {
+            Ok(t) => {
+                table = t;
+                purged += files.len();
+                rows += group_rows;
+            }
+            // A run committed to this partition meanwhile: its files changed, so this purge
+            // no longer fits them. Nothing was committed; the next maintain purges them.
+            Err(e) => {
+                tracing::warn!(
+                    "the purge of the live table's deletion vectors{} lost to a concurrent \
+                     commit and was left for the next maintain: {e}",
+                    value.map_or(String::new(), |v| format!(" in shard {v}"))
+                );
+                table.update_state().await?;
+            }
+        }
     }
-    let operation = deltalake::protocol::DeltaOperation::Optimize {
-        predicate: None,
-        target_size: 0,
-    };
-    let table = delta::commit_untagged(table, actions, operation).await?;
-    Ok((table, files.len(), rows))
+    Ok((table, purged, rows))
 }
 
 /// Size tier of a file of `rows` live rows: 0 below [`TIER0_ROWS`], then one more for every

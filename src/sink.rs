@@ -197,14 +197,22 @@ pub async fn merge_live(
 /// its own when they are not. The commit changes no rows and carries no batch, so a run that
 /// dies after it leaves nothing half-done.
 pub async fn enable_deletion_vectors(table: DeltaTable, loc: &TableLocation) -> Result<DeltaTable> {
-    if delta::has_writer_feature(&table, "deletionVectors")? {
-        return Ok(table);
+    const PROPERTY: &str = "delta.enableDeletionVectors";
+    match dv_setting(&table)? {
+        DvSetting::Enabled => return Ok(table),
+        // Someone turned them off on purpose (Spark's documented way to stop them): the
+        // protocol forbids new deletion vectors then.
+        DvSetting::Disabled => {
+            return Err(Error::usage(format!(
+                "--live `{loc}` has {PROPERTY} = false, so no writer may add deletion vectors \
+                 to it, and --live-mode deletion-vectors cannot upsert it. Run with \
+                 --live-mode rewrite, or set {PROPERTY} = true on the table"
+            )));
+        }
+        DvSetting::Unset => {}
     }
     tracing::info!("enabling deletion vectors on {loc}");
-    let props = [(
-        "delta.enableDeletionVectors".to_string(),
-        "true".to_string(),
-    )];
+    let props = [(PROPERTY.to_string(), "true".to_string())];
     match table
         .clone()
         .set_tbl_properties()
@@ -214,8 +222,37 @@ pub async fn enable_deletion_vectors(table: DeltaTable, loc: &TableLocation) -> 
         Ok(t) => Ok(t),
         // Another shard enabled them meanwhile.
         Err(e) => match delta::try_load(loc).await? {
-            Some(t) if delta::has_writer_feature(&t, "deletionVectors")? => Ok(t),
+            Some(t) if dv_setting(&t)? == DvSetting::Enabled => Ok(t),
             _ => Err(e.into()),
         },
     }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum DvSetting {
+    /// The feature is in the protocol and `delta.enableDeletionVectors` is true.
+    Enabled,
+    /// `delta.enableDeletionVectors` is set to something else than true.
+    Disabled,
+    /// Neither: the table was never set up for deletion vectors.
+    Unset,
+}
+
+fn dv_setting(table: &DeltaTable) -> Result<DvSetting> {
+    let property = table
+        .snapshot()?
+        .metadata()
+        .configuration()
+        .get("delta.enableDeletionVectors")
+        .map(|v| v.eq_ignore_ascii_case("true"));
+    Ok(
+        match (
+            delta::has_writer_feature(table, "deletionVectors")?,
+            property,
+        ) {
+            (_, Some(false)) => DvSetting::Disabled,
+            (true, Some(true)) => DvSetting::Enabled,
+            _ => DvSetting::Unset,
+        },
+    )
 }

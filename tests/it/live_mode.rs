@@ -341,4 +341,70 @@ fn shards_with_deletion_vectors_equal_one_unsharded_rewrite_run() {
         assert_eq!(without_shard, expected, "round {i}");
     }
     assert!(dv_adds(&sharded.table("live_sessions")) > 0);
+    // maintain (under one shard's lock) purges every partition, one commit each.
+    let before = sharded.rows("live_sessions");
+    let cp = sharded.table("checkpoint/shard-0-of-2");
+    let m = sharded
+        .ok(&[
+            "maintain",
+            "--output",
+            "json",
+            "--checkpoint",
+            cp.to_str().unwrap(),
+        ])
+        .json();
+    assert!(m.to_string().contains("\"files_purged\":"), "{m}");
+    assert_eq!(sharded.rows("live_sessions"), before);
+    let left = load(&sharded.table("live_sessions"))
+        .snapshot()
+        .unwrap()
+        .log_data()
+        .iter()
+        .filter(|f| f.deletion_vector_descriptor().is_some())
+        .count();
+    assert_eq!(left, 0, "{m}");
+}
+
+#[test]
+fn a_live_table_whose_deletion_vectors_were_turned_off_is_refused_not_overridden() {
+    let base = Base::with_env(&[DV]);
+    tick(&base, 100, 0, 1);
+    let live = base.table("live_sessions");
+    let props = [(
+        "delta.enableDeletionVectors".to_string(),
+        "false".to_string(),
+    )];
+    rt().block_on(
+        load(&live)
+            .set_tbl_properties()
+            .with_properties(props.into_iter().collect())
+            .into_future(),
+    )
+    .unwrap();
+    let version = base.version("live_sessions");
+    base.ok(&[
+        "generate-rows",
+        "--users",
+        "20",
+        "--per-user",
+        "2",
+        "--at",
+        "2026-02-15T10:09:00Z",
+    ]);
+    let refused = base.run(&["sessionize"]);
+    assert_eq!(refused.code(), 2, "{}", refused.stderr());
+    assert!(
+        refused
+            .stderr()
+            .contains("delta.enableDeletionVectors = false"),
+        "{}",
+        refused.stderr()
+    );
+    assert_eq!(base.version("live_sessions"), version, "nothing written");
+    // The rewrite mode still upserts it.
+    base.ok(&["sessionize", "--live-mode", "rewrite"]);
+    assert_eq!(
+        sql(&live, "select count(*) - count(distinct user_id) from t"),
+        ["0"]
+    );
 }
