@@ -772,13 +772,36 @@ impl FileWriter {
 
 type FastHash = BuildHasherDefault<twox_hash::XxHash64>;
 
-/// The keys of the rows being upserted, to find the old rows they replace.
+/// The keys of the rows being upserted, to find the old rows they replace. The one-column
+/// cases keep the values behind a one-bit-per-slot filter ([`HashFilter`]) that answers most
+/// misses with one memory access: a scan of a live table's keys is mostly misses.
 pub(crate) enum KeyMatch {
-    /// One integer key column that fits in an `i64` (the common case): the values themselves,
-    /// behind a one-bit-per-slot filter that answers most misses with one memory access.
-    Int(HashSet<i64, FastHash>, IntFilter),
+    /// One integer key column that fits in an `i64` (the common case).
+    Int(HashSet<i64, FastHash>, HashFilter),
+    /// One string key column: the values' bytes.
+    Str(HashSet<Box<[u8]>, FastHash>, HashFilter),
     /// Any other key: row-encoded bytes.
     Rows(RowConverter, HashSet<Box<[u8]>, FastHash>),
+}
+
+fn int_hash(k: i64) -> u64 {
+    (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+fn bytes_hash(b: &[u8]) -> u64 {
+    twox_hash::XxHash3_64::oneshot(b)
+}
+
+fn is_string(t: &DataType) -> bool {
+    matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
+}
+
+/// A string key column as `Utf8`, whatever string type it was written with.
+fn utf8(col: &ArrayRef) -> Result<ArrayRef> {
+    Ok(match col.data_type() {
+        DataType::Utf8 => col.clone(),
+        _ => cast(col, &DataType::Utf8)?,
+    })
 }
 
 impl KeyMatch {
@@ -794,8 +817,21 @@ impl KeyMatch {
             let v = arrow::compute::cast(one, &DataType::Int64)?;
             let set: HashSet<i64, FastHash> =
                 v.as_primitive::<Int64Type>().iter().flatten().collect();
-            let filter = IntFilter::new(set.iter().copied());
+            let filter = HashFilter::new(set.iter().map(|k| int_hash(*k)));
             return Ok(Self::Int(set, filter));
+        }
+        if let [one] = cols
+            && is_string(one.data_type())
+        {
+            let v = utf8(one)?;
+            let set: HashSet<Box<[u8]>, FastHash> = v
+                .as_string::<i32>()
+                .iter()
+                .flatten()
+                .map(|k| Box::from(k.as_bytes()))
+                .collect();
+            let filter = HashFilter::new(set.iter().map(|k| bytes_hash(k)));
+            return Ok(Self::Str(set, filter));
         }
         let fields = cols
             .iter()
@@ -809,24 +845,18 @@ impl KeyMatch {
 
     /// Which rows of these key columns hold a key that is not being upserted.
     pub(crate) fn absent(&self, cols: &[ArrayRef]) -> Result<BooleanArray> {
-        Ok(match self {
-            Self::Int(set, _) => {
-                let v = arrow::compute::cast(&cols[0], &DataType::Int64)?;
-                v.as_primitive::<Int64Type>()
-                    .iter()
-                    .map(|k| Some(k.is_none_or(|k| !set.contains(&k))))
-                    .collect()
-            }
-            Self::Rows(converter, set) => converter
+        if let Self::Rows(converter, set) = self {
+            return Ok(converter
                 .convert_columns(cols)?
                 .iter()
                 .map(|r| Some(!set.contains(r.as_ref())))
-                .collect(),
-        })
+                .collect());
+        }
+        let mut absent = vec![true; cols[0].len()];
+        self.for_each_hit(cols, |i| absent[i] = false)?;
+        Ok(BooleanArray::from(absent))
     }
-}
 
-impl KeyMatch {
     /// Calls `hit` with the index of every row of these key columns whose key is being
     /// upserted (the complement of [`KeyMatch::absent`], without building a mask).
     pub(crate) fn for_each_hit(&self, cols: &[ArrayRef], mut hit: impl FnMut(usize)) -> Result<()> {
@@ -836,15 +866,25 @@ impl KeyMatch {
                 let v = arrow::compute::cast(&cols[0], &DataType::Int64)?;
                 let v = v.as_primitive::<Int64Type>();
                 for (i, k) in v.values().iter().enumerate() {
-                    if filter.may_hold(*k) && set.contains(k) && v.is_valid(i) {
+                    if filter.may_hold(int_hash(*k)) && set.contains(k) && v.is_valid(i) {
                         hit(i);
                     }
                 }
             }
-            Self::Rows(..) => {
-                let absent = self.absent(cols)?;
-                for (i, a) in absent.values().iter().enumerate() {
-                    if !a {
+            Self::Str(set, filter) => {
+                let v = utf8(&cols[0])?;
+                for (i, k) in v.as_string::<i32>().iter().enumerate() {
+                    if let Some(k) = k
+                        && filter.may_hold(bytes_hash(k.as_bytes()))
+                        && set.contains(k.as_bytes())
+                    {
+                        hit(i);
+                    }
+                }
+            }
+            Self::Rows(converter, set) => {
+                for (i, r) in converter.convert_columns(cols)?.iter().enumerate() {
+                    if set.contains(r.as_ref()) {
                         hit(i);
                     }
                 }
@@ -854,36 +894,36 @@ impl KeyMatch {
     }
 }
 
-/// A one-bit-per-slot filter over integer keys: `may_hold` is false for most keys not in the
-/// set, and true for every key in it.
-pub(crate) struct IntFilter {
+/// A one-bit-per-slot filter over 64-bit hashes of keys: `may_hold` is false for most keys
+/// not in the set, and true for every key in it.
+pub(crate) struct HashFilter {
     bits: Vec<u64>,
     shift: u32,
 }
 
-impl IntFilter {
-    fn new(keys: impl ExactSizeIterator<Item = i64>) -> Self {
+impl HashFilter {
+    fn new(hashes: impl ExactSizeIterator<Item = u64>) -> Self {
         // About 64 slots per key (at most 2^24 slots, 2 MiB): under 2 % of misses pass.
-        let slots = (keys.len().max(1) * 64)
+        let slots = (hashes.len().max(1) * 64)
             .next_power_of_two()
             .clamp(64, 1 << 24);
         let mut f = Self {
             bits: vec![0; slots / 64],
             shift: 64 - slots.trailing_zeros(),
         };
-        for k in keys {
-            let s = f.slot(k);
+        for h in hashes {
+            let s = f.slot(h);
             f.bits[s / 64] |= 1 << (s % 64);
         }
         f
     }
 
-    fn slot(&self, k: i64) -> usize {
-        ((k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> self.shift) as usize
+    fn slot(&self, h: u64) -> usize {
+        (h >> self.shift) as usize
     }
 
-    fn may_hold(&self, k: i64) -> bool {
-        let s = self.slot(k);
+    fn may_hold(&self, h: u64) -> bool {
+        let s = self.slot(h);
         self.bits[s / 64] & (1 << (s % 64)) != 0
     }
 }
@@ -1200,17 +1240,35 @@ mod tests {
             let m = KeyMatch::new(&[text(&new32)]).unwrap();
             let got = hits(&m, text(&old));
             prop_assert_eq!(&got, &expected);
+            let absent = m.absent(&[text(&old)]).unwrap();
+            let missing: Vec<usize> = (0..old.len()).filter(|i| !absent.value(*i)).collect();
+            prop_assert_eq!(&missing, &expected);
+            // Two key columns take the row-encoded path (nulls match nothing here: the new
+            // keys have none).
+            let wide = |v: &[Option<i64>]| -> Vec<ArrayRef> {
+                vec![Arc::new(Int64Array::from(v.to_vec())) as ArrayRef, text(v)]
+            };
+            let m = KeyMatch::new(&wide(&new32)).unwrap();
+            let mut got = Vec::new();
+            m.for_each_hit(&wide(&old), |i| got.push(i)).unwrap();
+            let expected_wide: Vec<usize> = old
+                .iter()
+                .enumerate()
+                .filter(|(_, k)| k.is_some_and(|k| new.contains(&k)))
+                .map(|(i, _)| i)
+                .collect();
+            prop_assert_eq!(&got, &expected_wide);
         }
     }
 
     #[test]
     fn the_integer_filter_never_misses_a_key_and_rejects_most_others() {
         let keys: Vec<i64> = (0..10_000).map(|i| i * 7919).collect();
-        let f = IntFilter::new(keys.iter().copied());
-        assert!(keys.iter().all(|k| f.may_hold(*k)));
+        let f = HashFilter::new(keys.iter().map(|k| int_hash(*k)));
+        assert!(keys.iter().all(|k| f.may_hold(int_hash(*k))));
         let passed = (0..1_000_000i64)
             .map(|i| -1 - i)
-            .filter(|k| f.may_hold(*k))
+            .filter(|k| f.may_hold(int_hash(*k)))
             .count();
         assert!(passed < 30_000, "{passed} of 1,000,000 misses passed");
     }
