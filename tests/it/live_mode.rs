@@ -143,6 +143,19 @@ fn deletion_vectors_hold_the_rewrite_modes_rows_tick_after_tick() {
     // The layout stays small: files are merged by size tier and purged when mostly deleted.
     let files = active_files(&live);
     assert!(files < 8, "{files} live files after 15 ticks");
+    // The tables checkpoint every ten commits, so that opening them stays cheap tick after
+    // tick (delta-rs's default is every hundred).
+    for t in ["live_sessions", "checkpoint/state"] {
+        let has = std::fs::read_dir(dv.table(t).join("_delta_log"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .ends_with(".checkpoint.parquet")
+            });
+        assert!(has, "{t} has no Delta checkpoint after 15 ticks");
+    }
     let removed = log_entries(&live, "remove").len();
     assert!(
         removed > 20,
