@@ -307,10 +307,16 @@ fn a_run_frozen_before_its_live_commit_is_fenced_with_deletion_vectors() {
 }
 
 #[test]
-fn shards_with_deletion_vectors_equal_one_unsharded_rewrite_run() {
+fn shards_with_deletion_vectors_and_a_reshard_equal_one_unsharded_rewrite_run() {
     let one = Base::new();
     let sharded = Base::with_env(&[DV]);
-    for (i, users) in [300u32, 40, 120, 40].into_iter().enumerate() {
+    let mut shards = 2;
+    for (i, users) in [300u32, 40, 120, 40, 90, 30].into_iter().enumerate() {
+        if i == 4 {
+            // Reshard 2 -> 3: the deletion-vector live table is repartitioned exactly.
+            sharded.ok(&["reshard", "--shards", "2", "--to", "3"]);
+            shards = 3;
+        }
         for b in [&one, &sharded] {
             b.ok(&[
                 "generate-rows",
@@ -325,11 +331,12 @@ fn shards_with_deletion_vectors_equal_one_unsharded_rewrite_run() {
             ]);
         }
         one.ok(&["sessionize"]);
-        // Two shards side by side, committing to one live table.
-        let children: Vec<_> = (0..2)
+        // The shards side by side, committing to one live table.
+        let children: Vec<_> = (0..shards)
             .map(|s| {
                 Command::new(bin())
-                    .args(["sessionize", "--shards", "2", "--shard", &s.to_string()])
+                    .args(["sessionize", "--shards", &shards.to_string()])
+                    .args(["--shard", &s.to_string()])
                     .arg("--base-dir")
                     .arg(sharded.path())
                     .env(DV.0, DV.1)
@@ -356,7 +363,7 @@ fn shards_with_deletion_vectors_equal_one_unsharded_rewrite_run() {
     assert!(dv_adds(&sharded.table("live_sessions")) > 0);
     // maintain (under one shard's lock) purges every partition, one commit each.
     let before = sharded.rows("live_sessions");
-    let cp = sharded.table("checkpoint/shard-0-of-2");
+    let cp = sharded.table("checkpoint/shard-0-of-3");
     let m = sharded
         .ok(&[
             "maintain",
