@@ -418,6 +418,14 @@ pub fn screen(
         .expect("normalized time column")
         .as_primitive::<arrow::datatypes::Int64Type>();
     let n = normalized.num_rows();
+    // The common case, answered column-wise: every null time was null in the file (nothing
+    // unrepresentable), and no time passes `latest_us`.
+    let raw_nulls = raw_time_valid.len() - raw_time_valid.true_count();
+    if times.null_count() == raw_nulls
+        && latest_us.is_none_or(|l| arrow::compute::max(times).is_none_or(|m| m <= l))
+    {
+        return Ok((normalized, None));
+    }
     let reasons: Vec<Option<&'static str>> = (0..n)
         .map(|i| {
             if times.is_null(i) {
@@ -488,5 +496,34 @@ mod screen_tests {
         .unwrap();
         assert_eq!(kept.num_rows(), 1);
         assert!(out.is_none());
+    }
+
+    proptest::proptest! {
+        /// The column-wise shortcut and the row-wise guard agree: the rows kept are those
+        /// neither unrepresentable (null now, a value in the file) nor past the bound.
+        #[test]
+        fn screen_keeps_exactly_the_rows_the_rules_keep(
+            rows in proptest::collection::vec(
+                (proptest::option::of(-5i64..5), proptest::bool::ANY), 0..40),
+            latest in proptest::option::of(-5i64..5),
+        ) {
+            // A null in the file is null after conversion too.
+            let rows: Vec<(Option<i64>, bool)> =
+                rows.into_iter().map(|(t, valid)| (if valid { t } else { None }, valid)).collect();
+            let batch = times(&rows.iter().map(|r| r.0).collect::<Vec<_>>());
+            let raw_valid = BooleanArray::from(rows.iter().map(|r| r.1).collect::<Vec<_>>());
+            let expected: Vec<Option<i64>> = rows
+                .iter()
+                .filter(|(t, valid)| match t {
+                    None => !valid,
+                    Some(t) => latest.is_none_or(|l| *t <= l),
+                })
+                .map(|r| r.0)
+                .collect();
+            let (kept, out) = screen(batch, &raw_valid, latest).unwrap();
+            let kept: Vec<Option<i64>> = kept.column(0).as_primitive::<arrow::datatypes::Int64Type>().iter().collect();
+            proptest::prop_assert_eq!(&kept, &expected);
+            proptest::prop_assert_eq!(out.map_or(0, |o| o.num_rows()), rows.len() - expected.len());
+        }
     }
 }
