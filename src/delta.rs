@@ -592,7 +592,6 @@ pub async fn commit(
     extra: Option<(&str, serde_json::Value)>,
     exact: bool,
 ) -> Result<DeltaTable> {
-    use deltalake::kernel::transaction::CommitBuilder;
     tag.fence.check().await?;
     crate::failpoint::pause("pause-before-commit").await;
     // The same window before the commit to one table, named by its folder.
@@ -604,18 +603,7 @@ pub async fn commit(
         .unwrap_or_default();
     crate::failpoint::pause(&format!("pause-before-commit-to-{table_name}")).await;
     let props = tag.properties(extra, exact);
-    let committed: std::result::Result<DeltaTable, DeltaTableError> = async {
-        let committed = CommitBuilder::from(props)
-            .with_actions(actions)
-            .build(Some(table.snapshot()?), table.log_store(), operation)
-            .await?;
-        // Replays just the commit made here onto the table's snapshot.
-        let mut table = table;
-        table.update_incremental(Some(committed.version())).await?;
-        Ok(table)
-    }
-    .await;
-    let error = match committed {
+    let error = match land(table, props, actions, operation).await {
         Ok(t) => return Ok(t),
         Err(e) => e,
     };
@@ -651,8 +639,19 @@ pub async fn commit_untagged(
     actions: Vec<Action>,
     operation: deltalake::protocol::DeltaOperation,
 ) -> Result<DeltaTable> {
+    let props = CommitProperties::default().with_max_retries(0);
+    Ok(land(table, props, actions, operation).await?)
+}
+
+/// Commits `actions` on the table's snapshot, then replays just that commit onto it.
+async fn land(
+    table: DeltaTable,
+    props: CommitProperties,
+    actions: Vec<Action>,
+    operation: deltalake::protocol::DeltaOperation,
+) -> std::result::Result<DeltaTable, DeltaTableError> {
     use deltalake::kernel::transaction::CommitBuilder;
-    let committed = CommitBuilder::from(CommitProperties::default().with_max_retries(0))
+    let committed = CommitBuilder::from(props)
         .with_actions(actions)
         .build(Some(table.snapshot()?), table.log_store(), operation)
         .await?;
@@ -1155,16 +1154,7 @@ pub async fn rewrite(
     }
     let adds = write_carrying(&table, rows, old, keep_other_keys, partition).await?;
     actions.extend(adds.into_iter().map(Action::Add));
-    commit(
-        table,
-        loc,
-        actions,
-        operation,
-        commit_as.tag,
-        commit_as.extra,
-        commit_as.exact,
-    )
-    .await
+    commit_as.commit(table, loc, actions, operation).await
 }
 
 /// How a [`rewrite`] commits: the batch's tag, extra `commitInfo` metadata, and whether it
@@ -1175,6 +1165,22 @@ pub struct Rewrite<'a> {
     pub exact: bool,
     /// Replace only the rows of this partition (column, value) of an `Int32` column.
     pub partition: Option<(String, i32)>,
+}
+
+impl Rewrite<'_> {
+    /// [`commit`]s `actions` as this says.
+    pub async fn commit(
+        self,
+        table: DeltaTable,
+        loc: &TableLocation,
+        actions: Vec<Action>,
+        operation: deltalake::protocol::DeltaOperation,
+    ) -> Result<DeltaTable> {
+        commit(
+            table, loc, actions, operation, self.tag, self.extra, self.exact,
+        )
+        .await
+    }
 }
 
 /// `batch` with an `Int32` column `name` holding `value` on every row.

@@ -153,16 +153,7 @@ pub async fn upsert(
     actions.extend(adds.into_iter().map(Action::Add));
     report.dv_bytes = dvs.put(store.as_ref()).await?;
     tracing::info!(?report, "live upsert with deletion vectors");
-    let table = delta::commit(
-        table,
-        loc,
-        actions,
-        operation,
-        commit_as.tag,
-        commit_as.extra,
-        commit_as.exact,
-    )
-    .await?;
+    let table = commit_as.commit(table, loc, actions, operation).await?;
     Ok((table, report))
 }
 
@@ -323,7 +314,7 @@ async fn find(
                     .with_projection(mask)
                     .with_batch_size(64 * 1024)
                     .build()?;
-                let mut deleted = old.deleted.map(|d| (*d).clone()).unwrap_or_default();
+                let mut deleted = old.deleted.map(Arc::unwrap_or_clone).unwrap_or_default();
                 let before = deleted.len();
                 let mut offset = 0u64;
                 while let Some(batch) = stream.next().await {
