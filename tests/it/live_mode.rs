@@ -11,10 +11,12 @@ use crate::fencing::Frozen;
 use crate::util::*;
 
 const DV: (&str, &str) = ("SESSIONIZER_LIVE_MODE", "deletion-vectors");
+/// `generate-rows`' default `--seed`.
+const GENERATE_SEED: u32 = 42;
 
-/// One tick's events: `users` users (ids 1..=users) with two events each, at `minute` past
-/// 10:00, then a sessionize.
-fn tick(base: &Base, users: u32, minute: u32, seed: u32) -> serde_json::Value {
+/// One commit of events: `users` users (ids 1..=users) with two events each, at `minute`
+/// past 10:00.
+fn generate(base: &Base, users: u32, minute: u32, seed: u32) {
     base.ok(&[
         "generate-rows",
         "--users",
@@ -26,7 +28,23 @@ fn tick(base: &Base, users: u32, minute: u32, seed: u32) -> serde_json::Value {
         "--at",
         &format!("2026-02-15T{:02}:{:02}:00Z", 10 + minute / 60, minute % 60),
     ]);
+}
+
+/// One tick: [`generate`], then a sessionize.
+fn tick(base: &Base, users: u32, minute: u32, seed: u32) -> serde_json::Value {
+    generate(base, users, minute, seed);
     base.ok(&["sessionize", "--output", "json"]).json()
+}
+
+/// Files of the table's current version that carry a deletion vector.
+fn files_with_dv(table: &Path) -> usize {
+    load(table)
+        .snapshot()
+        .unwrap()
+        .log_data()
+        .iter()
+        .filter(|f| f.deletion_vector_descriptor().is_some())
+        .count()
 }
 
 /// Every log entry of the live table of this kind (`add`, `remove`), across all commits.
@@ -186,14 +204,11 @@ fn deletion_vectors_hold_the_rewrite_modes_rows_tick_after_tick() {
         .unwrap();
     assert!(purged > 0, "{m}");
     assert_eq!(dv.rows("live_sessions"), before);
-    let left = load(&live)
-        .snapshot()
-        .unwrap()
-        .log_data()
-        .iter()
-        .filter(|f| f.deletion_vector_descriptor().is_some())
-        .count();
-    assert_eq!(left, 0, "maintain left files with deletion vectors");
+    assert_eq!(
+        files_with_dv(&live),
+        0,
+        "maintain left files with deletion vectors"
+    );
     // And the next tick goes on from the purged table.
     tick(&rewrite, 60, 200, 99);
     tick(&dv, 60, 200, 99);
@@ -213,17 +228,7 @@ fn switching_the_live_mode_either_way_keeps_the_rows() {
     ];
     for (i, (mode, users)) in modes.iter().zip([300u32, 40, 120, 60, 200]).enumerate() {
         for b in [&rewrite, &mixed] {
-            b.ok(&[
-                "generate-rows",
-                "--users",
-                &users.to_string(),
-                "--per-user",
-                "2",
-                "--seed",
-                &i.to_string(),
-                "--at",
-                &format!("2026-02-15T10:{:02}:00Z", i * 5),
-            ]);
+            generate(b, users, i as u32 * 5, i as u32);
         }
         rewrite.ok(&["sessionize"]);
         mixed.ok(&["sessionize", "--live-mode", mode]);
@@ -242,15 +247,7 @@ fn switching_the_live_mode_either_way_keeps_the_rows() {
 fn prepare(base: &Base) {
     tick(base, 400, 0, 1);
     for (users, minute) in [(30, 10), (60, 20)] {
-        base.ok(&[
-            "generate-rows",
-            "--users",
-            &users.to_string(),
-            "--per-user",
-            "2",
-            "--at",
-            &format!("2026-02-15T10:{minute:02}:00Z"),
-        ]);
+        generate(base, users, minute, GENERATE_SEED);
     }
     base.ok(&["generate-rows", "--closing"]);
 }
@@ -318,17 +315,7 @@ fn shards_with_deletion_vectors_and_a_reshard_equal_one_unsharded_rewrite_run() 
             shards = 3;
         }
         for b in [&one, &sharded] {
-            b.ok(&[
-                "generate-rows",
-                "--users",
-                &users.to_string(),
-                "--per-user",
-                "2",
-                "--seed",
-                &i.to_string(),
-                "--at",
-                &format!("2026-02-15T10:{:02}:00Z", i * 7),
-            ]);
+            generate(b, users, i as u32 * 7, i as u32);
         }
         one.ok(&["sessionize"]);
         // The shards side by side, committing to one live table.
@@ -375,14 +362,7 @@ fn shards_with_deletion_vectors_and_a_reshard_equal_one_unsharded_rewrite_run() 
         .json();
     assert!(m.to_string().contains("\"files_purged\":"), "{m}");
     assert_eq!(sharded.rows("live_sessions"), before);
-    let left = load(&sharded.table("live_sessions"))
-        .snapshot()
-        .unwrap()
-        .log_data()
-        .iter()
-        .filter(|f| f.deletion_vector_descriptor().is_some())
-        .count();
-    assert_eq!(left, 0, "{m}");
+    assert_eq!(files_with_dv(&sharded.table("live_sessions")), 0, "{m}");
 }
 
 #[test]
@@ -402,15 +382,7 @@ fn a_live_table_whose_deletion_vectors_were_turned_off_is_refused_not_overridden
     )
     .unwrap();
     let version = base.version("live_sessions");
-    base.ok(&[
-        "generate-rows",
-        "--users",
-        "20",
-        "--per-user",
-        "2",
-        "--at",
-        "2026-02-15T10:09:00Z",
-    ]);
+    generate(&base, 20, 9, GENERATE_SEED);
     let refused = base.run(&["sessionize"]);
     assert_eq!(refused.code(), 2, "{}", refused.stderr());
     assert!(
