@@ -299,24 +299,32 @@ fn protocol_and_metadata(table: &DeltaTable) -> Result<(serde_json::Value, serde
     Ok((protocol, metadata))
 }
 
-/// Refuses (exit 2) a table whose reader features include one this tool does not read
-/// correctly, before anything is read: a reader that ignores a feature misreads rows silently.
-pub fn check_reader_features(table: &DeltaTable, loc: &TableLocation, flag: &str) -> Result<()> {
+/// The table's `readerFeatures` or `writerFeatures` (`which`), as its protocol lists them.
+fn table_features(table: &DeltaTable, which: &str) -> Result<Vec<String>> {
     let (protocol, _) = protocol_and_metadata(table)?;
-    let features: Vec<String> = protocol["readerFeatures"]
+    Ok(protocol[which]
         .as_array()
         .map(|a| {
             a.iter()
                 .filter_map(|f| f.as_str().map(str::to_string))
                 .collect()
         })
-        .unwrap_or_default();
+        .unwrap_or_default())
+}
+
+/// Refuses (exit 2) a table whose reader features include one this tool does not read
+/// correctly, before anything is read: a reader that ignores a feature misreads rows silently.
+pub fn check_reader_features(table: &DeltaTable, loc: &TableLocation, flag: &str) -> Result<()> {
+    let features = table_features(table, "readerFeatures")?;
     if let Some(f) = features
         .iter()
         .find(|f| !READ_FEATURES.contains(&f.as_str()))
     {
         return Err(Error::usage(format!(
-            "{flag} `{loc}` uses the Delta reader feature `{f}`, which sessionizer does not read              (it reads: {}). Reading it anyway could give wrong rows, so nothing was read or              written. Rewrite the table without that feature, or point {flag} at a copy that              does not use it",
+            "{flag} `{loc}` uses the Delta reader feature `{f}`, which sessionizer does not read \
+             (it reads: {}). Reading it anyway could give wrong rows, so nothing was read or \
+             written. Rewrite the table without that feature, or point {flag} at a copy that \
+             does not use it",
             READ_FEATURES.join(", ")
         )));
     }
@@ -325,10 +333,9 @@ pub fn check_reader_features(table: &DeltaTable, loc: &TableLocation, flag: &str
 
 /// Whether the table's protocol lists this writer feature.
 pub fn has_writer_feature(table: &DeltaTable, feature: &str) -> Result<bool> {
-    let (protocol, _) = protocol_and_metadata(table)?;
-    Ok(protocol["writerFeatures"]
-        .as_array()
-        .is_some_and(|a| a.iter().any(|f| f.as_str() == Some(feature))))
+    Ok(table_features(table, "writerFeatures")?
+        .iter()
+        .any(|f| f == feature))
 }
 
 /// How a table with column mapping names its columns in the data files.

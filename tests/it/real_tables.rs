@@ -166,6 +166,12 @@ fn an_unknown_reader_feature_is_refused_before_anything_is_read() {
     let out = base.run(&["sessionize"]);
     assert_eq!(out.code(), 2, "{}", out.stderr());
     assert!(out.stderr().contains("`variantType`"), "{}", out.stderr());
+    assert!(
+        out.stderr()
+            .contains("does not read (it reads: columnMapping"),
+        "{}",
+        out.stderr()
+    );
     assert!(!base.table("checkpoint").exists());
 }
 
