@@ -430,8 +430,17 @@ impl Checkpoint {
                 held.describe()
             )));
         }
-        if let Some((_, held)) = &top {
-            tracing::warn!(?held, "taking over a released, stale or broken lock");
+        // A lock its run released is the normal case of every run after the first; one that
+        // expired, whose holder is dead, that cannot be read, or that --break-lock broke is
+        // worth a warning.
+        match &top {
+            Some((_, Some(held))) if held.released => {
+                tracing::debug!(epoch = held.epoch, "taking the lock its last run released");
+            }
+            Some((_, held)) => {
+                tracing::warn!(?held, "taking over a stale, broken or still-held lock");
+            }
+            None => {}
         }
         let epoch = top.map_or(1, |(e, _)| e + 1);
         let info = LockInfo {

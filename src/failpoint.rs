@@ -24,6 +24,10 @@ pub async fn pause(name: &str) {
     if let Ok(want) = std::env::var("SESSIONIZER_FAILPOINT")
         && want == name
     {
+        tracing::warn!(
+            failpoint = name,
+            "paused at a test failpoint (SESSIONIZER_FAILPOINT)"
+        );
         // With SESSIONIZER_PAUSE_UNTIL=<file>, the pause lasts until that file exists (up to
         // five minutes): a test then decides exactly when the frozen run wakes up. The run
         // creates `<file>.paused` when it stops, so the test knows it got there.

@@ -431,10 +431,10 @@ else
     kill -9 $left 2>/dev/null || true
 fi
 # The level as Airflow 2 ("WARNING - ") and Airflow 3 ("[warning  ] ") print it.
-if grep -qE "(WARNING - |\[warning +\] )sessionizer::checkpoint: taking over a released" "$work/timeout.log"; then
+if grep -qE "(WARNING - |\[warning +\] )sessionizer::failpoint: paused at a test failpoint" "$work/timeout.log"; then
     pass "timeout: the run's WARN line reached the task log while it ran, at warning level"
 else
-    fail "timeout: no warning-level 'taking over a released' line in the task log before the kill"
+    fail "timeout: no warning-level 'paused at a test failpoint' line in the task log before the kill"
 fi
 
 # 6. a hung run stopped with SIGTERM (as Airflow stops a task it kills): the binary goes too

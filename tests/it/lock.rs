@@ -73,7 +73,20 @@ fn a_lock_left_by_a_dead_process_on_this_host_is_taken_over() {
         4_194_000,
         chrono::Utc::now() + chrono::Duration::minutes(5),
     );
-    base.ok(&["sessionize"]);
+    let took = base.ok(&["sessionize"]);
+    assert!(
+        took.stderr().contains("WARN") && took.stderr().contains("taking over a stale"),
+        "taking a dead run's lock is worth a warning:\n{}",
+        took.stderr()
+    );
+    // The next run takes the lock the last one released: the normal case, no warning.
+    base.gen_at("2026-02-15T17:06:00Z");
+    let next = base.ok(&["sessionize"]);
+    assert!(
+        !next.stderr().contains("WARN"),
+        "a released lock is taken without a warning:\n{}",
+        next.stderr()
+    );
 }
 
 #[test]
