@@ -6,6 +6,11 @@
 //! replaced more than `--retention` ago, then write a Delta checkpoint of the log. For the
 //! pending state: VACUUM and a checkpoint.
 //!
+//! Like every run, maintenance is fenced: before each step that commits or deletes (purge,
+//! OPTIMIZE, VACUUM, the Delta checkpoint, per table) it checks that no other run has taken
+//! its lock over, and stops with exit 75 if one has; a `maintain` frozen for longer than its
+//! lock lasts therefore does nothing more when it wakes.
+//!
 //! None of it touches what exactly-once relies on: the `txn` records of every batch live in
 //! the Delta log and are carried into every checkpoint; a rerun reads only the latest pending
 //! state; and the events table is never modified.
@@ -19,7 +24,7 @@ use serde::Serialize;
 use crate::checkpoint::Checkpoint;
 use crate::cli::MaintainArgs;
 use crate::config::{OutputFormat, TableLocation};
-use crate::delta::try_load;
+use crate::delta::{Fence, try_load};
 use crate::error::{Error, Result};
 
 /// What maintenance did to one table.
@@ -53,6 +58,8 @@ pub async fn maintain(args: &MaintainArgs) -> Result<MaintainReport> {
     let retention = chrono::Duration::microseconds(args.retention.as_micros());
     let (cp, _) = Checkpoint::open_existing(&tables.checkpoint).await?;
     let lock = cp.lock(args.break_lock).await?;
+    crate::failpoint::pause("pause-after-lock").await;
+    let fence = lock.fence();
     let result = async {
         let mut reports = Vec::new();
         let mut outputs = vec![
@@ -64,7 +71,7 @@ pub async fn maintain(args: &MaintainArgs) -> Result<MaintainReport> {
         }
         for (name, loc) in outputs {
             if let Some(table) = try_load(loc).await? {
-                reports.push(maintain_output(name, loc, table, args, retention).await?);
+                reports.push(maintain_output(name, loc, table, args, retention, fence).await?);
             }
         }
         if let Some(state) = cp.state_table().await? {
@@ -72,8 +79,10 @@ pub async fn maintain(args: &MaintainArgs) -> Result<MaintainReport> {
             let (state, vacuumed) = if args.no_vacuum {
                 (state, 0)
             } else {
+                fence.check().await?;
                 cp.vacuum_state(state, &progress, retention).await?
             };
+            fence.check().await?;
             reports.push(TableReport {
                 table: "pending".into(),
                 location: cp.state_location().to_string(),
@@ -103,15 +112,18 @@ async fn maintain_output(
     table: DeltaTable,
     args: &MaintainArgs,
     retention: chrono::Duration,
+    fence: &Fence,
 ) -> Result<TableReport> {
     let (mut table, mut compacted, mut written) = (table, 0, 0);
     let mut purged = 0;
     if !args.no_optimize && name == "live_sessions" {
+        fence.check().await?;
         let (t, files, _) = crate::live::purge(table).await?;
         table = t;
         purged = files as u64;
     }
     if !args.no_optimize {
+        fence.check().await?;
         let mut optimize = table.optimize();
         if let Some(size) = args.target_file_size.and_then(|s| NonZeroU64::new(s.0)) {
             optimize = optimize.with_target_size(size);
@@ -123,6 +135,7 @@ async fn maintain_output(
     }
     let mut vacuumed = 0;
     if !args.no_vacuum {
+        fence.check().await?;
         let (t, metrics) = table
             .vacuum()
             .with_retention_period(retention)
@@ -131,6 +144,7 @@ async fn maintain_output(
         table = t;
         vacuumed = metrics.files_deleted.len() as u64;
     }
+    fence.check().await?;
     Ok(TableReport {
         table: name.into(),
         location: loc.to_string(),

@@ -137,6 +137,70 @@ fn a_run_frozen_before_any_work_whose_lock_was_taken_exits_75_too() {
     frozen_and_taken_over("pause-after-lock", false);
 }
 
+/// Every file under a table's folder, for checking that nothing was deleted.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_maintain_frozen_while_its_lock_is_taken_over_does_nothing_when_it_wakes() {
+    let base = Base::new();
+    history(&base);
+    // One small sessions file per batch: work for OPTIMIZE, and old files for VACUUM.
+    base.ok(BATCHED);
+    let frozen = Frozen::start(
+        &base,
+        &["maintain", "--retention", "0s"],
+        "pause-after-lock",
+    );
+    base.gen_at("2026-02-15T13:30:00Z");
+    base.ok(&["sessionize", "--max-files-per-batch", "1", "--break-lock"]);
+    let versions = output_versions(&base);
+    let files = [
+        files_under(&base.table("sessions")),
+        files_under(&base.table("live_sessions")),
+        files_under(&base.table("checkpoint/state")),
+    ];
+    let (code, err) = frozen.wake();
+    assert_eq!(code, Some(75), "the stale maintain must stop: {err}");
+    assert!(err.contains("lost the"), "{err}");
+    assert_eq!(
+        output_versions(&base),
+        versions,
+        "the stale maintain committed"
+    );
+    assert_eq!(
+        [
+            files_under(&base.table("sessions")),
+            files_under(&base.table("live_sessions")),
+            files_under(&base.table("checkpoint/state")),
+        ],
+        files,
+        "the stale maintain wrote or deleted files"
+    );
+    // The checkpoint goes on, and a maintain that keeps its lock still compacts.
+    base.ok(&["sessionize", "--flush"]);
+    assert_exactly_once(&base);
+    let report = base
+        .ok(&["maintain", "--retention", "0s", "--output", "json"])
+        .json();
+    assert!(
+        report["tables"][0]["files_compacted"].as_u64().unwrap() > 1,
+        "{report}"
+    );
+    assert_exactly_once(&base);
+}
+
 #[test]
 fn lost_pending_state_is_refused_before_anything_is_written() {
     let base = Base::new();
