@@ -48,6 +48,23 @@ impl Frozen {
         }
     }
 
+    /// Another run takes the checkpoint over (`--break-lock`) and finishes; then this one
+    /// wakes. It must exit 75 and leave `state` (the output versions, the files...) as the
+    /// takeover left it. Returns its stderr.
+    pub fn taken_over<T: PartialEq + std::fmt::Debug>(
+        self,
+        base: &Base,
+        what: &str,
+        state: impl Fn(&Base) -> T,
+    ) -> String {
+        base.ok(&["sessionize", "--max-files-per-batch", "1", "--break-lock"]);
+        let after_takeover = state(base);
+        let (code, err) = self.wake();
+        assert_eq!(code, Some(75), "{what}: the stale run must stop: {err}");
+        assert_eq!(state(base), after_takeover, "{what}: the stale run wrote");
+        err
+    }
+
     /// Wakes the run and waits for it: exit code and stderr.
     pub fn wake(self) -> (Option<i32>, String) {
         std::fs::write(&self.wake, b"").unwrap();
@@ -99,15 +116,7 @@ fn frozen_and_taken_over(point: &str, more: bool) -> String {
     if more {
         base.gen_at("2026-02-15T13:30:00Z");
     }
-    base.ok(&["sessionize", "--max-files-per-batch", "1", "--break-lock"]);
-    let after_takeover = output_versions(&base);
-    let (code, err) = frozen.wake();
-    assert_eq!(code, Some(75), "{point}: the stale run must stop: {err}");
-    assert_eq!(
-        output_versions(&base),
-        after_takeover,
-        "{point}: the stale run wrote"
-    );
+    let err = frozen.taken_over(&base, point, output_versions);
     assert!(
         base.held_lock().is_none(),
         "the lock of the run that took over is released"
@@ -164,30 +173,14 @@ fn a_maintain_frozen_while_its_lock_is_taken_over_does_nothing_when_it_wakes() {
         "pause-after-lock",
     );
     base.gen_at("2026-02-15T13:30:00Z");
-    base.ok(&["sessionize", "--max-files-per-batch", "1", "--break-lock"]);
-    let versions = output_versions(&base);
-    let files = [
-        files_under(&base.table("sessions")),
-        files_under(&base.table("live_sessions")),
-        files_under(&base.table("checkpoint/state")),
-    ];
-    let (code, err) = frozen.wake();
-    assert_eq!(code, Some(75), "the stale maintain must stop: {err}");
+    // Neither a commit nor a written or deleted file.
+    let err = frozen.taken_over(&base, "maintain", |base| {
+        (
+            output_versions(base),
+            ["sessions", "live_sessions", "checkpoint/state"].map(|t| files_under(&base.table(t))),
+        )
+    });
     assert!(err.contains("lost the"), "{err}");
-    assert_eq!(
-        output_versions(&base),
-        versions,
-        "the stale maintain committed"
-    );
-    assert_eq!(
-        [
-            files_under(&base.table("sessions")),
-            files_under(&base.table("live_sessions")),
-            files_under(&base.table("checkpoint/state")),
-        ],
-        files,
-        "the stale maintain wrote or deleted files"
-    );
     // The checkpoint goes on, and a maintain that keeps its lock still compacts.
     base.ok(&["sessionize", "--flush"]);
     assert_exactly_once(&base);

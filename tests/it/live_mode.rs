@@ -286,15 +286,7 @@ fn a_run_frozen_before_its_live_commit_is_fenced_with_deletion_vectors() {
     // Frozen after its fence check, right before its first commit to the live table (its
     // deletion vectors already written): another run takes the checkpoint over and finishes.
     let frozen = Frozen::start(&base, crash::RUN, "pause-before-commit-to-live_sessions");
-    base.ok(&["sessionize", "--max-files-per-batch", "1", "--break-lock"]);
-    let after_takeover = output_versions(&base);
-    let (code, err) = frozen.wake();
-    assert_eq!(code, Some(75), "the stale run must stop: {err}");
-    assert_eq!(
-        output_versions(&base),
-        after_takeover,
-        "the stale run wrote"
-    );
+    frozen.taken_over(&base, "deletion vectors", output_versions);
     crash::assert_same(
         &crash::snapshot(&clean),
         &crash::snapshot(&base),
