@@ -805,10 +805,6 @@ fn bytes_hash(b: &[u8]) -> u64 {
     twox_hash::XxHash3_64::oneshot(b)
 }
 
-fn is_string(t: &DataType) -> bool {
-    matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
-}
-
 /// A string key column as `Utf8`, whatever string type it was written with.
 fn utf8(col: &ArrayRef) -> Result<ArrayRef> {
     Ok(match col.data_type() {
@@ -834,7 +830,7 @@ impl KeyMatch {
             return Ok(Self::Int(set, filter));
         }
         if let [one] = cols
-            && is_string(one.data_type())
+            && crate::engine::is_string_type(one.data_type())
         {
             let v = utf8(one)?;
             let set: HashSet<Box<[u8]>, FastHash> = v

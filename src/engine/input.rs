@@ -79,12 +79,16 @@ pub enum SpecError {
     ReservedName { column: String },
 }
 
+/// A string column of any of Arrow's three layouts: keys of these types are the same keys.
+pub fn is_string_type(dt: &DataType) -> bool {
+    matches!(
+        dt,
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+    )
+}
+
 fn is_key_type(dt: &DataType) -> bool {
-    dt.is_integer()
-        || matches!(
-            dt,
-            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
-        )
+    dt.is_integer() || is_string_type(dt)
 }
 
 impl EventSpec {
@@ -369,8 +373,7 @@ pub fn normalize(
 }
 
 fn both_strings(a: &DataType, b: &DataType) -> bool {
-    let s = |d: &DataType| matches!(d, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View);
-    s(a) && s(b)
+    is_string_type(a) && is_string_type(b)
 }
 
 fn time_micros(spec: &EventSpec, raw: &RecordBatch, version: i64) -> Result<ArrayRef, ArrowError> {

@@ -21,7 +21,8 @@ mod pairs;
 mod rules;
 
 pub use input::{
-    EventSpec, FilePiece, Markers, SpecError, TimeKind, normalize, screen, sum_input_name, sum_type,
+    EventSpec, FilePiece, Markers, SpecError, TimeKind, is_string_type, normalize, screen,
+    sum_input_name, sum_type,
 };
 pub use output::{live_schema, rejected_schema, session_id, sessions_schema};
 pub use pairs::PairStatus;
