@@ -83,6 +83,10 @@ pub struct Identity {
     /// `sessions`, or `pairs`; plus the rules that cut sessions. Absent in older checkpoints.
     #[serde(default)]
     pub rules: String,
+    /// How a sharded run assigns keys to shards ([`crate::engine::ShardFn::recorded`]): empty
+    /// for the default, and in checkpoints made before there was a choice.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub shard_function: String,
     pub created_at: String,
 }
 
@@ -146,6 +150,17 @@ impl Identity {
                 "the same --mode, --end-when, --start-when, --max-duration and --pair-timeout:",
             ),
         ];
+        let (have_fn, want_fn) = (
+            shard_function_name(&self.shard_function),
+            shard_function_name(&wanted.shard_function),
+        );
+        if have_fn != want_fn {
+            return Err(Error::usage(format!(
+                "the checkpoint `{loc}` splits keys over shards by {have_fn}, but this run asks \
+                 for {want_fn}. A key would move to another shard, away from its pending events: \
+                 rerun with the --key-buckets the checkpoint was made with (or none)"
+            )));
+        }
         for (what, have, want, flag) in diffs {
             // Checkpoints of releases that did not record the rules have none to compare.
             if have != want && !(what == "session rules" && have.is_empty()) {
@@ -182,6 +197,15 @@ impl Identity {
         } else {
             self.sum_types.clone()
         }
+    }
+}
+
+/// A recorded shard function, for messages.
+fn shard_function_name(recorded: &str) -> String {
+    if recorded.is_empty() {
+        "the default hash (no --key-buckets)".to_string()
+    } else {
+        format!("`{recorded}` (--key-buckets)")
     }
 }
 

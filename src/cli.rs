@@ -82,7 +82,7 @@ pub enum LogFormat {
 pub enum Command {
     /// One available-now run: read new events, close sessions, write sessions, live and state.
     #[command(after_help = SESSIONIZE_EXAMPLES)]
-    Sessionize(SessionizeArgs),
+    Sessionize(Box<SessionizeArgs>),
     /// Append demo events to the events table in one commit.
     #[command(
         after_help = "Examples:\n  sessionizer generate-rows\n  sessionizer generate-rows --closing\n  sessionizer generate-rows --users 100 --per-user 5 --seed 7"
@@ -271,6 +271,14 @@ pub struct SessionizeArgs {
     /// This run's shard, 0..N-1 (default under a Kubernetes Indexed Job: JOB_COMPLETION_INDEX).
     #[arg(long, env = "SESSIONIZER_SHARD", help_heading = SHARDS)]
     pub shard: Option<u32>,
+    /// Assign keys to shards by bucket: bucket = Spark's pmod(xxhash64(key columns), B), shard
+    /// = bucket mod N. With --bucket-column, a shard skips the files of other shards' buckets.
+    #[arg(long, env = "SESSIONIZER_KEY_BUCKETS", help_heading = SHARDS, requires = "bucket_column")]
+    pub key_buckets: Option<u32>,
+    /// The events column that holds each row's key bucket (the table is partitioned or
+    /// clustered by it); every file a shard reads is checked against it.
+    #[arg(long, env = "SESSIONIZER_BUCKET_COLUMN", help_heading = SHARDS, requires = "key_buckets")]
+    pub bucket_column: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -302,6 +310,10 @@ pub struct GenerateArgs {
     /// Bulk mode: number of commits the rows are spread over, in event-time order.
     #[arg(long, default_value_t = 1, requires = "rows")]
     pub commits: u64,
+    /// Add a `bucket` column, Spark's pmod(xxhash64(user_id), B), and partition the table by
+    /// it: the layout `sessionize --key-buckets B --bucket-column bucket` reads less of.
+    #[arg(long, conflicts_with = "scenario")]
+    pub key_buckets: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -92,13 +92,20 @@ impl fmt::Display for Dur {
 pub struct Shard {
     pub index: u32,
     pub count: u32,
+    /// Which hash assigns keys to shards (`--key-buckets`).
+    pub function: crate::engine::ShardFn,
 }
 
 impl Shard {
     /// The folder of this shard's own checkpoint, under the checkpoint location.
     pub fn checkpoint_name(&self) -> String {
-        format!("shard-{}-of-{}", self.index, self.count)
+        shard_checkpoint_name(self.index, self.count)
     }
+}
+
+/// The folder of shard `index` of `count`'s checkpoint, under the checkpoint location.
+pub fn shard_checkpoint_name(index: u32, count: u32) -> String {
+    format!("shard-{index}-of-{count}")
 }
 
 /// How far after the commit that added it an event may be (SPEC rule 11): a duration, or
@@ -475,6 +482,8 @@ pub struct Settings {
     pub live_mode: LiveMode,
     /// `--shards N --shard I`: this run folds only shard I's keys, with its own checkpoint.
     pub shard: Option<Shard>,
+    /// `--bucket-column`: the events column holding each row's key bucket (`--key-buckets`).
+    pub bucket_column: Option<String>,
 }
 
 impl Settings {

@@ -264,11 +264,14 @@ pub fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
 
 /// Opens a Parquet data file of `size` bytes on an object store for streaming reads.
 #[allow(deprecated)]
+pub type ParquetBuilder = ParquetRecordBatchStreamBuilder<ParquetObjectReader>;
+
+#[allow(deprecated)]
 pub async fn open_parquet(
     store: Arc<dyn ObjectStore>,
     path: Path,
     size: u64,
-) -> parquet::errors::Result<ParquetRecordBatchStreamBuilder<ParquetObjectReader>> {
+) -> parquet::errors::Result<ParquetBuilder> {
     let reader = ParquetObjectReader::new(store, path).with_file_size(size);
     ParquetRecordBatchStreamBuilder::new(reader).await
 }

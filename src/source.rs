@@ -12,7 +12,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, AsArray, BooleanArray, RecordBatch, RecordBatchOptions, StringArray, new_null_array,
+    Array, ArrayRef, AsArray, BooleanArray, RecordBatch, RecordBatchOptions, StringArray,
+    new_null_array,
 };
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -31,7 +32,8 @@ use parquet::arrow::ProjectionMask;
 use crate::config::Shard;
 use crate::config::{ByteSize, OnChangeCommit, TableLocation};
 use crate::engine::{
-    EventSpec, FilePiece, Markers, TIME_COL, in_shard, normalize, screen, split_by_key,
+    EventSpec, FilePiece, Markers, ShardFn, TIME_COL, guarded_max_time, in_shard, normalize,
+    screen, spark_buckets, split_by_key,
 };
 use crate::error::{Error, Result};
 
@@ -56,6 +58,8 @@ pub struct DataFile {
     pub partition_values: HashMap<String, Option<String>>,
     /// The add action's `modificationTime` (milliseconds).
     pub modified_ms: i64,
+    /// The add action's column statistics (JSON), when the writer recorded them.
+    pub stats: Option<String>,
 }
 
 /// What one source commit brings to a batch.
@@ -101,6 +105,7 @@ pub async fn read_version(
             }
             Action::Add(add) if add.data_change => files.push(DataFile {
                 modified_ms: add.modification_time,
+                stats: add.stats,
                 path: add.path,
                 size: add.size.max(0) as u64,
                 partition_values: add.partition_values,
@@ -229,6 +234,8 @@ pub struct ReadPlan {
     pub mapping: Option<Arc<crate::delta::ColumnMapping>>,
     pub start_when: Option<Arc<dyn PhysicalExpr>>,
     pub end_when: Option<Arc<dyn PhysicalExpr>>,
+    /// `--bucket-column`: read with the other columns, and checked against the key's bucket.
+    pub bucket_column: Option<String>,
 }
 
 impl ReadPlan {
@@ -300,7 +307,34 @@ impl ReadPlan {
             mapping: None,
             start_when,
             end_when,
+            bucket_column: None,
         })
+    }
+
+    /// Also reads `--bucket-column` (an integer column of the events table), whose values and
+    /// file statistics say which shard's keys a file holds.
+    pub fn with_bucket_column(mut self, column: &str, table_schema: &Schema) -> Result<Self> {
+        let field = table_schema.field_with_name(column).map_err(|_| {
+            Error::usage(format!(
+                "--bucket-column `{column}` is not a column of the events table; name the \
+                 column that holds pmod(xxhash64(key), B), or drop --key-buckets"
+            ))
+        })?;
+        if !field.data_type().is_integer() {
+            return Err(Error::usage(format!(
+                "--bucket-column `{column}` is of type {}, not an integer column; it must hold \
+                 pmod(xxhash64(key), B)",
+                field.data_type()
+            )));
+        }
+        if self.schema.field_with_name(column).is_err() {
+            // Appended last: the compiled predicates address the columns before it by index.
+            let mut fields: Vec<Arc<Field>> = self.schema.fields().iter().cloned().collect();
+            fields.push(Arc::new(field.clone().with_nullable(true)));
+            self.schema = Arc::new(Schema::new(fields));
+        }
+        self.bucket_column = Some(column.to_string());
+        Ok(self)
     }
 
     /// Reads data files by the table's column mapping (see [`crate::delta::column_mapping`]).
@@ -436,6 +470,60 @@ pub struct EventParts {
     pub max_time_committed_ms: Option<i64>,
     /// Rows the event-time guard took out (`future`, `bad_time`), in the rejected-rows layout.
     pub rejected: Vec<RecordBatch>,
+    /// Data files decoded whole.
+    pub files_read: u64,
+    /// Data files of other shards' key buckets, of which only the time column was read.
+    pub files_watermark_only: u64,
+}
+
+/// What a run needs from one data file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Its rows (of this shard's keys, when sharded).
+    Rows,
+    /// Its latest event time only: the file holds other shards' key buckets alone, and the
+    /// watermark of every shard moves by every key's events.
+    Watermark,
+}
+
+/// What shard `shard` needs from `file`: with a bucket column (`--key-buckets`), a file whose
+/// partition value, or column statistics (min and max), show only other shards' buckets is
+/// needed for its event times alone. A file the log says nothing certain about is read whole.
+pub fn need(file: &DataFile, plan: &ReadPlan, shard: Option<Shard>) -> Need {
+    let (Some(s), Some(column)) = (shard, plan.bucket_column.as_deref()) else {
+        return Need::Rows;
+    };
+    if !matches!(s.function, ShardFn::SparkBuckets(_)) {
+        return Need::Rows;
+    }
+    match bucket_range(file, plan.partition_key(column)) {
+        Some((lo, hi))
+            if hi.saturating_sub(lo) < i64::from(s.count)
+                && (lo..=hi).all(|b| b.rem_euclid(i64::from(s.count)) != i64::from(s.index)) =>
+        {
+            Need::Watermark
+        }
+        _ => Need::Rows,
+    }
+}
+
+/// The smallest and largest key bucket a file holds, from its partition value or its column
+/// statistics (`key` is the column's name in the log); `None` when the log does not tell, or
+/// tells of a null bucket.
+fn bucket_range(file: &DataFile, key: &str) -> Option<(i64, i64)> {
+    if let Some(value) = file.partition_values.get(key) {
+        let b = value.as_deref()?.trim().parse().ok()?;
+        return Some((b, b));
+    }
+    let stats: serde_json::Value = serde_json::from_str(file.stats.as_deref()?).ok()?;
+    if stats["nullCount"][key].as_i64()? != 0 {
+        return None;
+    }
+    let (lo, hi) = (
+        stats["minValues"][key].as_i64()?,
+        stats["maxValues"][key].as_i64()?,
+    );
+    (lo <= hi).then_some((lo, hi))
 }
 
 /// Reads the files the given versions added, one task per file (decoding runs on every core),
@@ -454,9 +542,7 @@ pub async fn read_events(
     max_skew_us: Option<i64>,
     shard: Option<Shard>,
 ) -> Result<EventParts> {
-    let spec = Arc::new(spec.clone());
-    let plan = Arc::new(plan.clone());
-    // Each job: version, file ordinal, file, the guard's latest event time, commit time.
+    // Each job: version, file ordinal, file, the guard's latest event time, commit time, need.
     let jobs: Vec<_> = versions
         .iter()
         .flat_map(|v| {
@@ -465,17 +551,24 @@ pub async fn read_events(
                     .and_then(|ms| ms.checked_mul(1000))
                     .map(|us| us.saturating_add(skew))
             });
-            v.files
-                .iter()
-                .enumerate()
-                .map(move |(i, f)| (v.version, i as i32, f.clone(), latest, v.committed_ms))
+            v.files.iter().enumerate().map(move |(i, f)| {
+                let need = need(f, plan, shard);
+                (v.version, i as i32, f.clone(), latest, v.committed_ms, need)
+            })
         })
         .collect();
+    let spec = Arc::new(spec.clone());
+    let plan = Arc::new(plan.clone());
     let parallel = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
-    let mut files = futures::stream::iter(jobs.into_iter().map(|(v, i, f, latest, ms)| {
+    let mut files = futures::stream::iter(jobs.into_iter().map(|(v, i, f, latest, ms, need)| {
         let (store, spec, plan) = (store.clone(), spec.clone(), plan.clone());
         tokio::spawn(async move {
-            let parts = read_file(store, v, i, &f, &spec, &plan, buckets, latest, shard).await;
+            let parts = match need {
+                Need::Rows => {
+                    read_file(store, v, i, &f, &spec, &plan, buckets, latest, shard).await
+                }
+                Need::Watermark => read_file_times(store, v, i, &f, &spec, &plan, latest).await,
+            };
             parts.map(|p| (ms, p))
         })
     }))
@@ -493,6 +586,8 @@ pub async fn read_events(
             parts.max_time_committed_ms = committed_ms;
         }
         parts.rejected.extend(file.rejected);
+        parts.files_read += file.files_read;
+        parts.files_watermark_only += file.files_watermark_only;
         for (bucket, pieces) in parts.buckets.iter_mut().zip(file.buckets) {
             bucket.extend(pieces.into_iter().filter(|p| p.rows.num_rows() > 0));
         }
@@ -512,22 +607,7 @@ async fn read_file(
     latest_us: Option<i64>,
     shard: Option<Shard>,
 ) -> Result<EventParts> {
-    let path = Path::from_url_path(&file.path).map_err(|e| {
-        Error::Source(format!(
-            "version {version} names a data file `{}` that is not a valid path: {e}",
-            file.path
-        ))
-    })?;
-    let builder = crate::delta::open_parquet(store, path, file.size)
-        .await
-        .map_err(|e| {
-            Error::Source(format!(
-                "cannot read data file `{}` added in events version {version}: {e}. If the table \
-                 was vacuumed, that version can no longer be read; start a new checkpoint with a \
-                 later --starting-version",
-                file.path
-            ))
-        })?;
+    let builder = open_file(store, version, file).await?;
     let file_schema = builder.schema().clone();
     let matched = plan.file_columns(&file_schema);
     let mut roots: Vec<usize> = matched.iter().map(|&(_, j)| j).collect();
@@ -550,6 +630,7 @@ async fn read_file(
         .build()?;
     let mut out = EventParts {
         buckets: vec![Vec::new(); buckets.max(1)],
+        files_read: 1,
         ..Default::default()
     };
     // Each bucket's rows of this file are gathered into one contiguous piece, so that freeing a
@@ -574,6 +655,9 @@ async fn read_file(
         let batch = with_partition_columns(batch, file, plan)?;
         let batch = plan.conform(&batch)?;
         let n = batch.num_rows() as i64;
+        if let Some(s) = shard {
+            check_buckets(&batch, spec, plan, s, version, file, row)?;
+        }
         let markers = plan.markers(&batch)?;
         let raw_time_valid = arrow::compute::is_not_null(
             batch
@@ -595,7 +679,7 @@ async fn read_file(
             match shard {
                 None => Ok(b),
                 Some(s) => {
-                    let mine = in_shard(&b, &spec.key_columns, s.index, s.count)?;
+                    let mine = in_shard(&b, &spec.key_columns, s.index, s.count, s.function)?;
                     Ok(arrow::compute::filter_record_batch(&b, &mine)?)
                 }
             }
@@ -615,6 +699,145 @@ async fn read_file(
     }
     for (pieces, small) in out.buckets.iter_mut().zip(&mut small) {
         pieces.extend(gather(small)?);
+    }
+    Ok(out)
+}
+
+/// With `--key-buckets`, every row of a file a shard reads must hold its key's bucket in the
+/// bucket column: the shards of other buckets skipped this file on the strength of it, so a
+/// wrong bucket would lose its events. A mismatch stops the run before anything is written.
+fn check_buckets(
+    batch: &RecordBatch,
+    spec: &EventSpec,
+    plan: &ReadPlan,
+    shard: Shard,
+    version: u64,
+    file: &DataFile,
+    first_row: i64,
+) -> Result<()> {
+    let (ShardFn::SparkBuckets(b), Some(column)) = (shard.function, &plan.bucket_column) else {
+        return Ok(());
+    };
+    let keys: Vec<ArrayRef> = spec
+        .key_columns
+        .iter()
+        .map(|k| {
+            batch
+                .column_by_name(k)
+                .expect("the projection holds the keys")
+                .clone()
+        })
+        .collect();
+    let want = spark_buckets(&keys, b)?;
+    let have = cast(
+        batch
+            .column_by_name(column)
+            .expect("the projection holds the bucket column"),
+        &DataType::Int64,
+    )?;
+    let have = have.as_primitive::<arrow::datatypes::Int64Type>();
+    let Some(r) = (0..want.len()).find(|&r| have.is_null(r) || have.value(r) != want[r]) else {
+        return Ok(());
+    };
+    let key: Vec<String> = keys
+        .iter()
+        .map(|c| arrow::util::display::array_value_to_string(c, r).unwrap_or_else(|_| "?".into()))
+        .collect();
+    let found = if have.is_null(r) {
+        "null".to_string()
+    } else {
+        have.value(r).to_string()
+    };
+    Err(Error::usage(format!(
+        "row {} of data file `{}` (events version {version}) has key ({}) in bucket {found} of \
+         --bucket-column `{column}`, but pmod(xxhash64({}), {b}) is {}. Shards skip files by \
+         that column, so every row must hold its key's bucket: compute it in the writer as \
+         Spark's pmod(xxhash64({}), {b}), or run with the --key-buckets the writer used. \
+         Nothing was written",
+        first_row + r as i64,
+        file.path,
+        key.join(", "),
+        spec.key_columns.join(", "),
+        want[r],
+        spec.key_columns.join(", "),
+    )))
+}
+
+/// Opens one data file added by events version `version`, its footer read.
+async fn open_file(
+    store: Arc<dyn ObjectStore>,
+    version: u64,
+    file: &DataFile,
+) -> Result<crate::delta::ParquetBuilder> {
+    let path = Path::from_url_path(&file.path).map_err(|e| {
+        Error::Source(format!(
+            "version {version} names a data file `{}` that is not a valid path: {e}",
+            file.path
+        ))
+    })?;
+    crate::delta::open_parquet(store, path, file.size)
+        .await
+        .map_err(|e| {
+            Error::Source(format!(
+                "cannot read data file `{}` added in events version {version}: {e}. If the table \
+                 was vacuumed, that version can no longer be read; start a new checkpoint with a \
+                 later --starting-version",
+                file.path
+            ))
+        })
+}
+
+/// [`Need::Watermark`]: the latest event time the guard keeps in one file, from its time column
+/// alone (the rest of the file is never decoded).
+async fn read_file_times(
+    store: Arc<dyn ObjectStore>,
+    version: u64,
+    file_idx: i32,
+    file: &DataFile,
+    spec: &EventSpec,
+    plan: &ReadPlan,
+    latest_us: Option<i64>,
+) -> Result<EventParts> {
+    let mut out = EventParts {
+        files_watermark_only: 1,
+        ..Default::default()
+    };
+    let builder = open_file(store.clone(), version, file).await?;
+    let t = plan.schema.index_of(&spec.time_column)?;
+    let Some((_, j)) = plan
+        .file_columns(builder.schema())
+        .into_iter()
+        .find(|&(i, _)| i == t)
+    else {
+        // Not in the file: a partition column (read as a whole file reads it), or a column the
+        // table gained after this file was written (null times move no watermark).
+        if file
+            .partition_values
+            .contains_key(plan.partition_key(&spec.time_column))
+        {
+            let whole = read_file(
+                store, version, file_idx, file, spec, plan, 1, latest_us, None,
+            );
+            out.max_time = whole.await?.max_time;
+        }
+        return Ok(out);
+    };
+    let field = Arc::new(plan.schema.field(t).clone());
+    let mask = ProjectionMask::roots(builder.parquet_schema(), [j]);
+    let mut stream = builder
+        .with_projection(mask)
+        .with_batch_size(64 * 1024)
+        .build()?;
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        let mut times = batch.column(0).clone();
+        if times.data_type() != field.data_type() {
+            times = cast(&times, field.data_type())?;
+        }
+        let raw = RecordBatch::try_new(Arc::new(Schema::new(vec![field.clone()])), vec![times])?;
+        out.max_time = out
+            .max_time
+            .max(guarded_max_time(spec, &raw, version as i64, latest_us)?);
     }
     Ok(out)
 }
@@ -674,4 +897,115 @@ fn logical_names(batch: RecordBatch, names: &[(String, String)]) -> Result<Recor
         batch.columns().to_vec(),
         &RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> ReadPlan {
+        let schema = Schema::new(vec![
+            Field::new("user_id", DataType::Int64, true),
+            Field::new("t", DataType::Int64, true),
+            Field::new("bucket", DataType::Int64, true),
+        ]);
+        let spec = EventSpec::resolve(&schema, &["user_id".into()], "t", &[], &[]).unwrap();
+        ReadPlan::new(&spec, &schema, None, None)
+            .unwrap()
+            .with_bucket_column("bucket", &schema)
+            .unwrap()
+    }
+
+    fn file(partition: Option<Option<&str>>, stats: Option<&str>) -> DataFile {
+        DataFile {
+            path: "part-0.parquet".into(),
+            size: 1,
+            partition_values: partition
+                .map(|v| HashMap::from([("bucket".to_string(), v.map(String::from))]))
+                .unwrap_or_default(),
+            modified_ms: 0,
+            stats: stats.map(String::from),
+        }
+    }
+
+    fn shard(index: u32) -> Option<Shard> {
+        Some(Shard {
+            index,
+            count: 4,
+            function: ShardFn::SparkBuckets(16),
+        })
+    }
+
+    #[test]
+    fn a_shard_skips_a_file_only_when_the_log_shows_every_bucket_is_another_shards() {
+        let plan = plan();
+        // Partitioned: bucket 6 belongs to shard 6 mod 4 = 2.
+        let f = file(Some(Some("6")), None);
+        let needs: Vec<Need> = (0..4).map(|i| need(&f, &plan, shard(i))).collect();
+        assert_eq!(
+            needs,
+            [
+                Need::Watermark,
+                Need::Watermark,
+                Need::Rows,
+                Need::Watermark
+            ]
+        );
+        // Clustered: buckets 4..=5 belong to shards 0 and 1.
+        let stats = r#"{"numRecords":9,"minValues":{"bucket":4},"maxValues":{"bucket":5},"nullCount":{"bucket":0}}"#;
+        let f = file(None, Some(stats));
+        let needs: Vec<Need> = (0..4).map(|i| need(&f, &plan, shard(i))).collect();
+        assert_eq!(
+            needs,
+            [Need::Rows, Need::Rows, Need::Watermark, Need::Watermark]
+        );
+        // What the log does not make certain is read whole by every shard: a range as wide as
+        // the shard count, a null bucket, a null count, no statistics, a value that is no number.
+        for f in [
+            file(
+                None,
+                Some(
+                    r#"{"minValues":{"bucket":1},"maxValues":{"bucket":4},"nullCount":{"bucket":0}}"#,
+                ),
+            ),
+            file(
+                None,
+                Some(
+                    r#"{"minValues":{"bucket":4},"maxValues":{"bucket":4},"nullCount":{"bucket":2}}"#,
+                ),
+            ),
+            file(
+                None,
+                Some(r#"{"minValues":{"bucket":4},"maxValues":{"bucket":4}}"#),
+            ),
+            file(None, None),
+            file(Some(None), None),
+            file(Some(Some("six")), None),
+        ] {
+            for i in 0..4 {
+                assert_eq!(need(&f, &plan, shard(i)), Need::Rows, "{f:?}");
+            }
+        }
+        // Without the bucket function, or unsharded, every file is read.
+        let f = file(Some(Some("6")), None);
+        let mix = Shard {
+            function: ShardFn::Mix,
+            ..shard(0).unwrap()
+        };
+        assert_eq!(need(&f, &plan, Some(mix)), Need::Rows);
+        assert_eq!(need(&f, &plan, None), Need::Rows);
+    }
+
+    #[test]
+    fn the_bucket_column_must_be_an_integer_column_of_the_table() {
+        let schema = Schema::new(vec![
+            Field::new("user_id", DataType::Int64, true),
+            Field::new("t", DataType::Int64, true),
+            Field::new("b", DataType::Utf8, true),
+        ]);
+        let spec = EventSpec::resolve(&schema, &["user_id".into()], "t", &[], &[]).unwrap();
+        let p = ReadPlan::new(&spec, &schema, None, None).unwrap();
+        assert!(p.clone().with_bucket_column("b", &schema).is_err());
+        assert!(p.with_bucket_column("nope", &schema).is_err());
+    }
 }

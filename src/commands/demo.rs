@@ -252,7 +252,7 @@ fn parse(base: &TableLocation, subcommand: &str, flags: &[&str]) -> Result<Comma
 
 fn sessionize_args(base: &TableLocation, flags: &[&str]) -> Result<SessionizeArgs> {
     match parse(base, "sessionize", flags)? {
-        Command::Sessionize(a) => Ok(a),
+        Command::Sessionize(a) => Ok(*a),
         _ => unreachable!("parsed as sessionize"),
     }
 }

@@ -122,18 +122,78 @@ async fn latest_event(loc: &TableLocation) -> Result<Option<(i64, i64)>> {
 }
 
 /// Appends rows to the events table (created on first use) in one commit.
-pub async fn append(loc: &TableLocation, rows: &Rows) -> Result<i64> {
-    append_batch(loc, to_batch(rows)?).await
+pub async fn append(loc: &TableLocation, rows: &Rows, key_buckets: Option<u32>) -> Result<i64> {
+    append_batch(loc, to_batch(rows)?, key_buckets).await
 }
 
+/// The column `--key-buckets` adds: Spark's `pmod(xxhash64(user_id), B)`.
+pub const BUCKET_COLUMN: &str = "bucket";
+
 /// Appends one batch to a table (created with the batch's schema on first use) in one commit.
-pub async fn append_batch(loc: &TableLocation, batch: RecordBatch) -> Result<i64> {
-    let table = crate::delta::open_or_create(loc, &batch.schema(), false, "--events").await?;
+/// With `key_buckets`, each row also gets its key's bucket in [`BUCKET_COLUMN`], and the
+/// table is partitioned by it, as a Spark job that writes for `sessionize --key-buckets` does.
+pub async fn append_batch(
+    loc: &TableLocation,
+    batch: RecordBatch,
+    key_buckets: Option<u32>,
+) -> Result<i64> {
+    if key_buckets == Some(0) {
+        return Err(Error::usage(
+            "--key-buckets 0: a table needs at least one bucket",
+        ));
+    }
+    let existing = crate::delta::try_load(loc).await?;
+    let bucketed = match &existing {
+        Some(t) => crate::delta::arrow_schema(t)?
+            .field_with_name(BUCKET_COLUMN)
+            .is_ok(),
+        None => key_buckets.is_some(),
+    };
+    let batch = match (bucketed, key_buckets) {
+        (false, None) => batch,
+        (false, Some(_)) => {
+            return Err(Error::usage(format!(
+                "--key-buckets adds a `{BUCKET_COLUMN}` column, but `{loc}` was created \
+                 without one; generate into a new --events location"
+            )));
+        }
+        (true, None) => {
+            return Err(Error::usage(format!(
+                "`{loc}` is partitioned by key bucket (its `{BUCKET_COLUMN}` column); pass the \
+                 --key-buckets B it was created with"
+            )));
+        }
+        (true, Some(b)) => with_bucket(batch, b)?,
+    };
+    let table = match existing {
+        Some(t) => {
+            crate::delta::check_schema(&t, &batch.schema(), loc, "--events")?;
+            t
+        }
+        None if bucketed => {
+            crate::delta::create_partitioned(loc, &batch.schema(), false, &[BUCKET_COLUMN]).await?
+        }
+        None => crate::delta::create_table(loc, &batch.schema(), false).await?,
+    };
     let table = table
         .write(vec![batch])
         .with_save_mode(SaveMode::Append)
         .await?;
     Ok(table.version().map_or(0, |v| v as i64))
+}
+
+/// `batch` with each row's key bucket added, as Spark computes it.
+fn with_bucket(batch: RecordBatch, buckets: u32) -> Result<RecordBatch> {
+    let keys = [batch
+        .column_by_name("user_id")
+        .expect("demo schema")
+        .clone()];
+    let bucket = Int64Array::from(crate::engine::spark_buckets(&keys, buckets)?);
+    let mut fields: Vec<Arc<Field>> = batch.schema().fields().iter().cloned().collect();
+    fields.push(Arc::new(Field::new(BUCKET_COLUMN, DataType::Int64, true)));
+    let mut cols = batch.columns().to_vec();
+    cols.push(Arc::new(bucket));
+    Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?)
 }
 
 /// `--at`, or the current time: the one place the generator reads the wall clock.
@@ -206,8 +266,12 @@ pub async fn command(args: &GenerateArgs, out: &mut dyn Write) -> Result<()> {
         let mut version = 0;
         for c in 0..commits {
             let rows = total / commits + u64::from(c < total % commits);
-            version =
-                append_batch(&loc, bulk_batch(at, users, rows, c, commits, args.seed)?).await?;
+            version = append_batch(
+                &loc,
+                bulk_batch(at, users, rows, c, commits, args.seed)?,
+                args.key_buckets,
+            )
+            .await?;
         }
         writeln!(
             out,
@@ -218,7 +282,7 @@ pub async fn command(args: &GenerateArgs, out: &mut dyn Write) -> Result<()> {
     if let Some(scenario) = args.scenario {
         let batch = scenario.rows(at_micros(args)?, args.seed);
         let n = batch.num_rows();
-        let version = append_batch(&loc, batch).await?;
+        let version = append_batch(&loc, batch, None).await?;
         writeln!(
             out,
             "generate-rows: appended {n} {} rows to {loc} as version {version}",
@@ -227,7 +291,7 @@ pub async fn command(args: &GenerateArgs, out: &mut dyn Write) -> Result<()> {
         return Ok(());
     }
     let rows = rows_for(args, &loc).await?;
-    let version = append(&loc, &rows).await?;
+    let version = append(&loc, &rows, args.key_buckets).await?;
     writeln!(
         out,
         "generate-rows: appended {} rows to {loc} as version {version}",

@@ -27,9 +27,9 @@ use serde::Serialize;
 
 use crate::checkpoint::{Checkpoint, Identity, LockGuard, Progress};
 use crate::cli::ReshardArgs;
-use crate::config::{OutputFormat, Shard, TableLocation};
+use crate::config::{OutputFormat, TableLocation, shard_checkpoint_name};
 use crate::delta::{self, BatchRecord, BatchTag};
-use crate::engine::shard_of;
+use crate::engine::{ShardFn, shard_of};
 use crate::error::{Error, Result};
 use crate::sink::SHARD_COLUMN;
 
@@ -45,7 +45,7 @@ pub struct ReshardReport {
 }
 
 fn shard_location(root: &TableLocation, index: u32, count: u32) -> TableLocation {
-    root.join(&Shard { index, count }.checkpoint_name())
+    root.join(&shard_checkpoint_name(index, count))
 }
 
 pub async fn reshard(args: &ReshardArgs) -> Result<ReshardReport> {
@@ -62,7 +62,7 @@ pub async fn reshard(args: &ReshardArgs) -> Result<ReshardReport> {
     let why = serde_json::json!({ "resharded_to": to });
 
     // The old shards: every one must exist; a retired one only by an earlier reshard to M.
-    let mut olds = Vec::new();
+    let mut olds: Vec<(Checkpoint, Identity)> = Vec::new();
     for i in 0..from {
         let loc = shard_location(&root, i, from);
         let (cp, identity) = Checkpoint::open_existing(&loc).await.map_err(|_| {
@@ -76,6 +76,16 @@ pub async fn reshard(args: &ReshardArgs) -> Result<ReshardReport> {
         {
             return Err(Error::usage(format!(
                 "shard {i} of {from} was already replaced by another reshard ({r})"
+            )));
+        }
+        if let Some((_, first)) = olds.first()
+            && first.shard_function != identity.shard_function
+        {
+            return Err(Error::usage(format!(
+                "shard {i} of {from} splits keys by `{}` and shard 0 by `{}`: shards that \
+                 disagree on their keys cannot be resharded; rerun the odd shard's checkpoint \
+                 from scratch with the same --key-buckets as the others",
+                identity.shard_function, first.shard_function
             )));
         }
         olds.push((cp, identity));
@@ -183,8 +193,15 @@ async fn repartition(
     progress: &Progress,
     live: &TableLocation,
 ) -> Result<u64> {
+    let function = ShardFn::from_recorded(&template.shard_function).ok_or_else(|| {
+        Error::Checkpoint(format!(
+            "the shard checkpoints split keys by `{}`, which this release of sessionizer does \
+             not know; reshard with the release that made them",
+            template.shard_function
+        ))
+    })?;
     let shards = if pending.num_rows() > 0 {
-        shard_of(&pending, keys, to)
+        shard_of(&pending, keys, to, function)?
     } else {
         Vec::new()
     };
@@ -232,7 +249,7 @@ async fn repartition(
     }
     let _ = (olds, old_locks);
     crate::failpoint::hit("reshard-after-states");
-    let moved = repartition_live(live, keys, to, &news[0].3).await?;
+    let moved = repartition_live(live, keys, to, function, &news[0].3).await?;
     crate::failpoint::hit("reshard-after-live");
     for (cp, _, identity, tag) in &news {
         tag.fence.check().await?;
@@ -249,6 +266,7 @@ async fn repartition_live(
     loc: &TableLocation,
     keys: &[String],
     to: u32,
+    function: ShardFn,
     tag: &BatchTag,
 ) -> Result<u64> {
     use deltalake::kernel::Action;
@@ -271,7 +289,7 @@ async fn repartition_live(
     let mut moved = 0u64;
     for b in batches {
         let b = delta::conform(&b, &schema)?;
-        let shards: Int32Array = shard_of(&b, keys, to)
+        let shards: Int32Array = shard_of(&b, keys, to, function)?
             .into_iter()
             .map(|s| s as i32)
             .collect();

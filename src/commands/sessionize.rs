@@ -50,6 +50,11 @@ pub struct RunSummary {
     pub live_rows_upserted: u64,
     /// RFC 3339, or null before the first event.
     pub watermark: Option<String>,
+    /// Data files of the events table decoded for their rows.
+    pub files_read: u64,
+    /// Data files of other shards' key buckets (`--key-buckets`), of which only the time
+    /// column was read, for the watermark.
+    pub files_watermark_only: u64,
     pub elapsed_ms: u64,
     /// Where the time went, in milliseconds, summed over batches.
     pub phases: Phases,
@@ -160,6 +165,7 @@ impl SessionizeArgs {
         let s = Settings {
             tables,
             shard,
+            bucket_column: self.bucket_column.clone(),
             keys: split_list(&self.key),
             time_column: self.time_column.trim().to_string(),
             gap: self.gap,
@@ -193,6 +199,11 @@ impl SessionizeArgs {
     /// `--shards N --shard I` (or `JOB_COMPLETION_INDEX` for I), validated; `None` unsharded.
     fn shard(&self) -> Result<Option<crate::config::Shard>> {
         let Some(count) = self.shards else {
+            if self.key_buckets.is_some() {
+                return Err(Error::usage(
+                    "--key-buckets splits keys over shards: it needs --shards N and --shard I",
+                ));
+            }
             if self.shard.is_some() {
                 return Err(Error::usage(
                     "--shard needs --shards N (how many shards there are in all)",
@@ -223,7 +234,31 @@ impl SessionizeArgs {
                 count.saturating_sub(1)
             )));
         }
-        Ok((count > 1).then_some(crate::config::Shard { index, count }))
+        let function = match self.key_buckets {
+            None => crate::engine::ShardFn::Mix,
+            Some(0) => {
+                return Err(Error::usage(
+                    "--key-buckets 0: a table needs at least one bucket (the B of the writer's \
+                     pmod(xxhash64(key), B))",
+                ));
+            }
+            Some(b) => crate::engine::ShardFn::SparkBuckets(b),
+        };
+        Ok((count > 1).then_some(crate::config::Shard {
+            index,
+            count,
+            function,
+        }))
+    }
+}
+
+/// A recorded shard function as the flags that choose it.
+fn describe_shard_function(recorded: &str) -> String {
+    match crate::engine::ShardFn::from_recorded(recorded) {
+        Some(crate::engine::ShardFn::SparkBuckets(b)) => {
+            format!("--key-buckets {b} (and its --bucket-column)")
+        }
+        _ => "no --key-buckets".to_string(),
     }
 }
 
@@ -278,6 +313,8 @@ struct BatchReport {
     versions: Option<(u64, u64)>,
     metrics: crate::engine::StepMetrics,
     live_rows_upserted: u64,
+    files_read: u64,
+    files_watermark_only: u64,
     phases: Phases,
 }
 
@@ -289,6 +326,8 @@ impl std::ops::AddAssign<BatchReport> for RunSummary {
         self.rows_invalid += b.metrics.rows_invalid;
         self.sessions_closed += b.metrics.sessions_closed;
         self.live_rows_upserted += b.live_rows_upserted;
+        self.files_read += b.files_read;
+        self.files_watermark_only += b.files_watermark_only;
         self.phases += b.phases;
         if let Some((a, z)) = b.versions {
             let first = self
@@ -341,6 +380,24 @@ impl<'a> Job<'a> {
             settings.end_when.as_deref(),
         )?
         .with_mapping(delta::column_mapping(&events)?);
+        let read_plan = match (settings.shard.map(|s| s.function), &settings.bucket_column) {
+            (Some(crate::engine::ShardFn::SparkBuckets(b)), Some(column)) => {
+                if let Some((k, t)) = spec
+                    .key_columns
+                    .iter()
+                    .zip(&spec.key_types)
+                    .find(|(_, t)| !crate::engine::ShardFn::hashes(t))
+                {
+                    return Err(Error::usage(format!(
+                        "--key-buckets {b} hashes the key as Spark's xxhash64 does, which this \
+                         release does for integer and string key columns; the key column `{k}` \
+                         is {t}. Drop --key-buckets"
+                    )));
+                }
+                read_plan.with_bucket_column(column, &schema)?
+            }
+            _ => read_plan,
+        };
         let wanted = Identity {
             format: 1,
             checkpoint_id: uuid::Uuid::new_v4().to_string(),
@@ -355,6 +412,10 @@ impl<'a> Job<'a> {
             sums,
             sum_types: spec.sum_types.iter().map(|t| t.to_string()).collect(),
             rules: rules_fingerprint(settings),
+            shard_function: settings
+                .shard
+                .map(|s| s.function.recorded())
+                .unwrap_or_default(),
             created_at: Utc::now().to_rfc3339(),
         };
         let engine = Engine::new(
@@ -408,12 +469,21 @@ impl<'a> Job<'a> {
         if let Some(s) = self.settings.shard {
             let root = t.checkpoint.parent();
             for j in (0..s.count).filter(|&j| j != s.index) {
-                let name = crate::config::Shard {
-                    index: j,
-                    count: s.count,
-                }
-                .checkpoint_name();
+                let name = crate::config::shard_checkpoint_name(j, s.count);
                 if let Some(id) = Checkpoint::at(&root.join(&name))?.identity().await? {
+                    // Shards that split the keys by different functions would each miss some
+                    // keys and fold others twice.
+                    if id.shard_function != self.wanted.shard_function {
+                        return Err(Error::usage(format!(
+                            "shard {j} of {} was started with {}, and this shard with {}: all \
+                             shards of a run must split the keys the same way. Run this shard \
+                             with {}",
+                            s.count,
+                            describe_shard_function(&id.shard_function),
+                            describe_shard_function(&self.wanted.shard_function),
+                            describe_shard_function(&id.shard_function),
+                        )));
+                    }
                     siblings.push(id.app_id());
                 }
             }
@@ -562,9 +632,6 @@ async fn run_locked(
         let Some(planned) = run.plan().await? else {
             break;
         };
-        // The first batch is planned (and the source's commits checked) before anything is
-        // written, even the identity of a new checkpoint or its empty output tables.
-        run.open_outputs().await?;
         let flush = planned.plan.flush;
         let versions = planned.vfs.len() as u64;
         let report = run.batch(planned, &bar).await?;
@@ -806,6 +873,20 @@ impl Batch<'_> {
         planned: Planned,
         bar: &indicatif::ProgressBar,
     ) -> Result<BatchReport> {
+        let mut report = BatchReport {
+            versions: planned.plan.versions,
+            ..Default::default()
+        };
+        report.phases.plan += lap(&mut self.clock);
+        let seq = planned.plan.seq;
+        bar.set_message(format!("batch {seq}: reading"));
+        // A batch is planned and read (the source's commits and files checked) before anything
+        // is written, even the identity of a new checkpoint or its empty output tables: a run
+        // refused by what it reads leaves no trace.
+        let (open_events, new_events, buckets) = self.read(&planned.vfs).await?;
+        report.phases.read += lap(&mut self.clock);
+        failpoint::hit("after-read");
+        self.open_outputs().await?;
         let tag = self.tag(&planned.plan);
         let done = self.check_outputs(&tag).await?;
         if !planned.replay {
@@ -818,22 +899,15 @@ impl Batch<'_> {
                 tracing::info!(version = v.version, "skipped: {why}");
             }
         }
-        let mut report = BatchReport {
-            versions: planned.plan.versions,
-            ..Default::default()
-        };
         report.phases.plan += lap(&mut self.clock);
-        let seq = planned.plan.seq;
-        bar.set_message(format!("batch {seq}: reading"));
-        let (open_events, new_events, buckets) = self.read(&planned.vfs).await?;
-        report.phases.read += lap(&mut self.clock);
-        failpoint::hit("after-read");
         bar.set_message(format!("batch {seq}: sessionizing"));
         let new_watermark = self
             .job
             .engine
             .watermark_after(self.progress.watermark_us, new_events.max_time);
         let max_event = (new_events.max_time, new_events.max_time_committed_ms);
+        report.files_read = new_events.files_read;
+        report.files_watermark_only = new_events.files_watermark_only;
         let out = self
             .fold(
                 open_events,

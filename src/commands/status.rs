@@ -125,8 +125,9 @@ pub async fn shards_status(args: &StatusArgs, count: u32) -> Result<ShardsStatus
     let mut each = Vec::new();
     for index in 0..count {
         let mut t = tables.clone();
-        let shard = crate::config::Shard { index, count };
-        t.checkpoint = tables.checkpoint.join(&shard.checkpoint_name());
+        t.checkpoint = tables
+            .checkpoint
+            .join(&crate::config::shard_checkpoint_name(index, count));
         each.push(match status_of(&t).await {
             Ok(s) => Some(s),
             Err(crate::Error::NoCheckpoint(_)) => None,

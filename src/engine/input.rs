@@ -406,6 +406,27 @@ fn time_micros(spec: &EventSpec, raw: &RecordBatch, version: i64) -> Result<Arra
     }
 }
 
+/// The latest event time of `raw` (rows of one file, in the table's types) that the event-time
+/// guard keeps: the maximum of what [`screen`] keeps. A shard takes it from the files that
+/// hold only other shards' keys, so that every shard's watermark moves by every key's events.
+pub fn guarded_max_time(
+    spec: &EventSpec,
+    raw: &RecordBatch,
+    version: i64,
+    latest_us: Option<i64>,
+) -> Result<Option<i64>, ArrowError> {
+    let us = time_micros(spec, raw, version)?;
+    Ok(max_kept(us.as_primitive(), latest_us))
+}
+
+/// The largest time that [`screen`] keeps: not null, and not past `latest_us`.
+fn max_kept(times: &Int64Array, latest_us: Option<i64>) -> Option<i64> {
+    match latest_us {
+        None => arrow::compute::max(times),
+        Some(l) => times.iter().flatten().filter(|&t| t <= l).max(),
+    }
+}
+
 /// The event-time guard (SPEC rule 11) over one normalized batch, whose raw time column had
 /// `raw_time_valid` as validity: rows whose time could not be represented in microseconds
 /// (`bad_time`) and, with `latest_us`, rows later than it (`future`: more than the allowed
@@ -523,7 +544,10 @@ mod screen_tests {
                 })
                 .map(|r| r.0)
                 .collect();
+            let max = max_kept(batch.column(0).as_primitive(), latest);
             let (kept, out) = screen(batch, &raw_valid, latest).unwrap();
+            // A shard that reads only a file's times finds the same latest time.
+            proptest::prop_assert_eq!(max, arrow::compute::max(kept.column(0).as_primitive::<arrow::datatypes::Int64Type>()));
             let kept: Vec<Option<i64>> = kept.column(0).as_primitive::<arrow::datatypes::Int64Type>().iter().collect();
             proptest::prop_assert_eq!(&kept, &expected);
             proptest::prop_assert_eq!(out.map_or(0, |o| o.num_rows()), rows.len() - expected.len());

@@ -19,14 +19,16 @@ mod input;
 mod output;
 mod pairs;
 mod rules;
+mod shard;
 
 pub use input::{
-    EventSpec, FilePiece, Markers, SpecError, TimeKind, is_string_type, normalize, screen,
-    sum_input_name, sum_type,
+    EventSpec, FilePiece, Markers, SpecError, TimeKind, guarded_max_time, is_string_type,
+    normalize, screen, sum_input_name, sum_type,
 };
 pub use output::{live_schema, rejected_schema, session_id, sessions_schema};
 pub use pairs::PairStatus;
 pub use rules::{CloseReason, SessionRules, SessionSpan};
+pub use shard::{ShardFn, in_shard, shard_of, spark_buckets};
 
 use std::sync::Arc;
 
@@ -661,43 +663,6 @@ fn mix(h: u64, salt: u64) -> u64 {
 const BUCKET_SALT: u64 = 0;
 const SHARD_SALT: u64 = 1;
 const MACHINE_SALT: u64 = 2;
-
-/// Which rows of `batch` belong to machine shard `index` of `count` (`sessionize --shards`).
-///
-/// The shard of a key is stable on every platform and release: `mix(h, 2) mod count`, where
-/// `h` is the key itself for one BIGINT key column and otherwise the XXH3-64 hash of the key
-/// values in the engine's own encoding (type tag, then little-endian integers or
-/// length-prefixed UTF-8, see [`session_id`]), and
-/// `mix(h, s) = ((h xor s·0xD6E8FEB86659FD93)·0x9E3779B97F4A7C15) >> 32` (wrapping 64-bit
-/// arithmetic). Rows with a null key column belong to shard 0, so that each invalid row is
-/// counted once.
-pub fn in_shard(
-    batch: &RecordBatch,
-    keys: &[String],
-    index: u32,
-    count: u32,
-) -> Result<BooleanArray, ArrowError> {
-    Ok(shard_of(batch, keys, count)
-        .into_iter()
-        .map(|s| Some(s == index))
-        .collect())
-}
-
-/// The machine shard (of `count`) of every row of `batch`, as [`in_shard`] defines it.
-pub fn shard_of(batch: &RecordBatch, keys: &[String], count: u32) -> Vec<u32> {
-    let mut ids = bucket_ids(batch, keys, count as usize, MACHINE_SALT);
-    for k in keys {
-        let c = batch.column_by_name(k).expect("key column");
-        if let Some(nulls) = c.logical_nulls() {
-            for (r, valid) in nulls.iter().enumerate() {
-                if !valid {
-                    ids[r] = 0;
-                }
-            }
-        }
-    }
-    ids
-}
 
 /// Row indices of each bucket, in row order.
 fn bucket_rows(batch: &RecordBatch, keys: &[String], n: usize, salt: u64) -> Vec<Vec<u32>> {

@@ -34,7 +34,7 @@ fn append(path: &Path, columns: Vec<(&str, ArrayRef)>) {
     let batch = RecordBatch::try_new(schema, columns.into_iter().map(|c| c.1).collect()).unwrap();
     let loc = sessionizer::config::TableLocation::from_path(path).unwrap();
     rt().block_on(sessionizer::commands::generate_rows::append_batch(
-        &loc, batch,
+        &loc, batch, None,
     ))
     .unwrap();
 }

@@ -259,3 +259,143 @@ fn reshard_refuses_shards_at_different_versions() {
     // Nothing changed: shard 1 still runs.
     base.ok(&["sessionize", "--shards", "2", "--shard", "1"]);
 }
+
+/// The flags of a shard that skips other shards' files: the events carry Spark's
+/// `pmod(xxhash64(user_id), 16)` in `bucket`, and are partitioned by it.
+const BUCKETS: [&str; 4] = ["--key-buckets", "16", "--bucket-column", "bucket"];
+
+#[test]
+fn key_bucket_shards_read_only_their_files_and_equal_one_unsharded_run() {
+    let (one, four) = (Base::new(), Base::new());
+    one.ok(&[
+        "generate-rows",
+        "--rows",
+        "6000",
+        "--commits",
+        "4",
+        "--users",
+        "300",
+        "--seed",
+        "5",
+        "--at",
+        "2026-02-15T00:00:00Z",
+        "--key-buckets",
+        "16",
+    ]);
+    copy_dir(&one.table("events"), &four.table("events"));
+    let (late_one, late_four) = (one.table("late"), four.table("late"));
+    let whole = one
+        .ok(&[
+            "sessionize",
+            "--output",
+            "json",
+            "--max-files-per-batch",
+            "1",
+            "--late-events",
+            late_one.to_str().unwrap(),
+        ])
+        .json();
+    // 4 commits of 16 bucket partitions: 64 files, a shard of 4 owns 4 buckets of each commit.
+    assert_eq!(whole["files_read"], 64, "{whole}");
+    let mut extra = vec![
+        "--max-files-per-batch",
+        "1",
+        "--late-events",
+        late_four.to_str().unwrap(),
+    ];
+    extra.extend(BUCKETS);
+    let parts = all_shards(&four, 4, &extra);
+    for p in &parts {
+        assert_eq!(p["files_read"], 16, "{p}");
+        assert_eq!(p["files_watermark_only"], 48, "{p}");
+        // One watermark for all, though each shard decoded a quarter of the files.
+        assert_eq!(p["watermark"], whole["watermark"], "{p}");
+    }
+    let sum = |k: &str| parts.iter().map(|p| p[k].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(sum("rows_read"), whole["rows_read"].as_u64().unwrap());
+    assert_eq!(one.rows("sessions"), four.rows("sessions"));
+    assert_eq!(
+        sql(&one.table("live_sessions"), LIVE),
+        sql(&four.table("live_sessions"), LIVE)
+    );
+
+    // Reshard 4 -> 3 by the same buckets, more events, everything closed: still the same.
+    four.ok(&["reshard", "--shards", "4", "--to", "3"]);
+    for b in [&one, &four] {
+        b.ok(&["generate-rows", "--closing", "--key-buckets", "16"]);
+    }
+    one.ok(&["sessionize", "--flush"]);
+    let mut extra = vec!["--flush"];
+    extra.extend(BUCKETS);
+    all_shards(&four, 3, &extra);
+    assert_eq!(one.rows("sessions"), four.rows("sessions"));
+    assert_eq!(
+        sql(&one.table("live_sessions"), LIVE),
+        sql(&four.table("live_sessions"), LIVE)
+    );
+    // The checkpoints recorded the bucket function: a shard run without it is refused.
+    let out = four.run(&["sessionize", "--shards", "3", "--shard", "0"]);
+    assert_eq!(out.code(), 2, "{}", out.stderr());
+    assert!(out.stderr().contains("--key-buckets"), "{}", out.stderr());
+}
+
+#[test]
+fn a_bucket_column_that_does_not_hold_the_keys_bucket_is_refused_before_any_write() {
+    let base = Base::new();
+    base.ok(&[
+        "generate-rows",
+        "--rows",
+        "2000",
+        "--users",
+        "100",
+        "--at",
+        "2026-02-15T00:00:00Z",
+        "--key-buckets",
+        "16",
+    ]);
+    // The writer used B = 16; shards told 8 find a row whose bucket is not pmod(xxhash64, 8).
+    for i in 0..2 {
+        let out = base.run(&[
+            "sessionize",
+            "--shards",
+            "2",
+            "--shard",
+            &i.to_string(),
+            "--key-buckets",
+            "8",
+            "--bucket-column",
+            "bucket",
+        ]);
+        assert_eq!(out.code(), 2, "{}", out.stderr());
+        assert!(
+            out.stderr().contains("pmod(xxhash64(user_id), 8)"),
+            "{}",
+            out.stderr()
+        );
+    }
+    // A refused run leaves no trace: no table, no checkpoint identity (only its released lock).
+    assert_eq!(output_versions(&base), [None, None, None]);
+    let identity = base
+        .path()
+        .join("checkpoint/shard-0-of-2/_sessionizer/checkpoint.json");
+    assert!(!identity.exists());
+    // A shard that starts with other flags than its sibling is refused, naming the sibling's.
+    base.ok(&[
+        "sessionize",
+        "--shards",
+        "2",
+        "--shard",
+        "0",
+        "--key-buckets",
+        "16",
+        "--bucket-column",
+        "bucket",
+    ]);
+    let out = base.run(&["sessionize", "--shards", "2", "--shard", "1"]);
+    assert_eq!(out.code(), 2, "{}", out.stderr());
+    assert!(
+        out.stderr().contains("--key-buckets 16"),
+        "{}",
+        out.stderr()
+    );
+}
