@@ -2,7 +2,7 @@
 # Benchmark: a backlog of N events sessionized in one run, then the incremental case.
 #
 #   scripts/bench.sh [--events N] [--commits C] [--users U] [--seed S] [--small-commits K]
-#                    [--batch-limit SIZE] [--shards N]
+#                    [--batch-limit SIZE] [--shards N [--key-buckets B]]
 #   scripts/bench.sh --live-keys K1,K2,... [--live-modes rewrite,deletion-vectors]
 #                    [--live-ticks T] [--seed S]
 #
@@ -16,7 +16,12 @@
 # `--max-bytes-per-batch SIZE` (default 32MiB) to show the peak memory following the batch.
 # With `--shards N`, the backlog is run a third time, on another copy, as N shard processes
 # started together on this machine (`sessionize --shards N --shard I`): the wall time of the
-# whole, and the largest peak RSS of one shard.
+# whole, and the largest peak RSS of one shard. Then the same events are generated again with
+# a key-bucket column (`generate-rows --key-buckets B`, default 16: Spark's
+# pmod(xxhash64(user_id), B), the table partitioned by it) and run as N shards with
+# `--key-buckets B --bucket-column bucket`, so that each shard decodes only its buckets' files.
+# Shard 0 is also run alone on each layout, for one shard's own read time without the others
+# competing for the cores.
 #
 # Prints the figures of each run (wall seconds, events/s, peak RSS, per-phase times from the
 # JSON summary) and ends with `bench: N events in S s = E events/s, peak RSS M MiB`.
@@ -31,6 +36,7 @@ SEED=7
 SMALL_COMMITS=1000
 BATCH_LIMIT=32MiB
 SHARDS=""
+KEY_BUCKETS=16
 LIVE_KEYS=""
 LIVE_MODES="rewrite,deletion-vectors"
 LIVE_TICKS=3
@@ -43,6 +49,7 @@ while [ $# -gt 0 ]; do
         --small-commits) SMALL_COMMITS="$2"; shift 2 ;;
         --batch-limit) BATCH_LIMIT="$2"; shift 2 ;;
         --shards) SHARDS="$2"; shift 2 ;;
+        --key-buckets) KEY_BUCKETS="$2"; shift 2 ;;
         --live-keys) LIVE_KEYS="$2"; shift 2 ;;
         --live-modes) LIVE_MODES="$2"; shift 2 ;;
         --live-ticks) LIVE_TICKS="$2"; shift 2 ;;
@@ -149,7 +156,14 @@ echo "bench: generated in $(python3 -c "print(f'{$(date +%s.%N) - $start:.1f}')"
 # and write-back of freshly generated files otherwise lands in the read phase (seconds here).
 # A copy of the same events for the run with a batch limit.
 mkdir -p "$BASE/limited" && cp -r "$BASE/events" "$BASE/limited/events"
-if [ -n "$SHARDS" ]; then mkdir -p "$BASE/sharded" && cp -r "$BASE/events" "$BASE/sharded/events"; fi
+if [ -n "$SHARDS" ]; then
+    for d in sharded alone; do mkdir -p "$BASE/$d" && cp -r "$BASE/events" "$BASE/$d/events"; done
+    # The same events with their key bucket, partitioned by it, for --key-buckets.
+    for d in bucketed bucketed-alone; do
+        "$BIN" generate-rows --base-dir "$BASE/$d" --rows "$EVENTS" --commits "$COMMITS" \
+            --users "$USERS" --seed "$SEED" --at "$AT" --key-buckets "$KEY_BUCKETS" >&2
+    done
+fi
 sync
 
 echo "| run | events | closed | pending | wall s | events/s | peak RSS MiB | plan | read | sessionize | write_sessions | merge_live | write_state | commit |"
@@ -177,28 +191,42 @@ echo "bench: $B_ROWS events in $B_SECS s = $B_RATE events/s, peak RSS $B_RSS MiB
 if [ -n "$SHARDS" ]; then
     # N shard processes at once on one machine: they share its cores, so this shows the cost
     # of the shared reads and concurrent commits rather than N machines' speed.
-    start=$(date +%s.%N)
-    pids=()
-    for i in $(seq 0 $((SHARDS - 1))); do
-        /usr/bin/time -v "$BIN" sessionize --base-dir "$BASE/sharded" --output json \
-            --shards "$SHARDS" --shard "$i" >"$BASE/shard$i.json" 2>"$BASE/shard$i.time" &
-        pids+=($!)
-    done
-    for p in "${pids[@]}"; do wait "$p" || { cat "$BASE"/shard*.time >&2; exit 1; }; done
-    end=$(date +%s.%N)
-    python3 - "$SHARDS" "$start" "$end" "$BASE" <<'PY'
+    all_shards() {
+        local label="$1" base="$2"; shift 2
+        local start end pids=()
+        start=$(date +%s.%N)
+        for i in $(seq 0 $((SHARDS - 1))); do
+            /usr/bin/time -v "$BIN" sessionize --base-dir "$base" --output json \
+                --shards "$SHARDS" --shard "$i" "$@" >"$BASE/shard$i.json" 2>"$BASE/shard$i.time" &
+            pids+=($!)
+        done
+        for p in "${pids[@]}"; do wait "$p" || { cat "$BASE"/shard*.time >&2; exit 1; }; done
+        end=$(date +%s.%N)
+        python3 - "$SHARDS" "$start" "$end" "$BASE" "$label" <<'PY'
 import json, re, sys
-n, start, end, base = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
-rows = closed = 0
-rss = []
+n, start, end, base, label = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5]
+rows = closed = decoded = times_only = 0
+rss, reads = [], []
 for i in range(n):
     s = json.load(open(f"{base}/shard{i}.json"))
     rows += s["rows_read"]; closed += s["sessions_closed"]
+    decoded += s["files_read"]; times_only += s["files_watermark_only"]
+    reads.append(s["phases"]["read"])
     t = open(f"{base}/shard{i}.time").read()
     rss.append(int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", t).group(1)) / 1024)
 secs = end - start
-print(f"bench: backlog as {n} shard processes on this machine: {rows} events ({closed} sessions "
-      f"closed) in {secs:.2f} s = {rows / secs:,.0f} events/s, largest peak RSS of one shard "
-      f"{max(rss):.0f} MiB")
+print(f"bench: backlog as {n} shard processes on this machine, {label}: {rows} events ({closed} "
+      f"sessions closed) in {secs:.2f} s = {rows / secs:,.0f} events/s; files decoded "
+      f"{decoded}, time column only {times_only}; read phase per shard "
+      f"{min(reads)}-{max(reads)} ms; largest peak RSS of one shard {max(rss):.0f} MiB")
 PY
+    }
+    all_shards "every file decoded by every shard" "$BASE/sharded"
+    all_shards "--key-buckets $KEY_BUCKETS" "$BASE/bucketed" --key-buckets "$KEY_BUCKETS" --bucket-column bucket
+    # Shard 0 alone: one shard's own cost, as on a machine of its own.
+    echo "| run | events | closed | pending | wall s | events/s | peak RSS MiB | plan | read | sessionize | write_sessions | merge_live | write_state | commit |"
+    echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    RUN_BASE="$BASE/alone" measure "shard 0 of $SHARDS alone" --shards "$SHARDS" --shard 0
+    RUN_BASE="$BASE/bucketed-alone" measure "shard 0 of $SHARDS alone, --key-buckets $KEY_BUCKETS" \
+        --shards "$SHARDS" --shard 0 --key-buckets "$KEY_BUCKETS" --bucket-column bucket
 fi

@@ -32,8 +32,8 @@ use parquet::arrow::ProjectionMask;
 use crate::config::Shard;
 use crate::config::{ByteSize, OnChangeCommit, TableLocation};
 use crate::engine::{
-    EventSpec, FilePiece, Markers, ShardFn, TIME_COL, guarded_max_time, in_shard, normalize,
-    screen, spark_buckets, split_by_key,
+    EventSpec, FilePiece, Markers, ShardFn, guarded_max_from_maxes, guarded_max_time, in_shard,
+    kept_max_time, normalize, screen, spark_buckets, split_by_key,
 };
 use crate::error::{Error, Result};
 
@@ -655,9 +655,11 @@ async fn read_file(
         let batch = with_partition_columns(batch, file, plan)?;
         let batch = plan.conform(&batch)?;
         let n = batch.num_rows() as i64;
-        if let Some(s) = shard {
-            check_buckets(&batch, spec, plan, s, version, file, row)?;
-        }
+        // With --key-buckets, each row's bucket, checked against the bucket column.
+        let key_buckets = match shard {
+            Some(s) => check_buckets(&batch, spec, plan, s, version, file, row)?,
+            None => None,
+        };
         let markers = plan.markers(&batch)?;
         let raw_time_valid = arrow::compute::is_not_null(
             batch
@@ -666,26 +668,28 @@ async fn read_file(
         )?;
         let normalized = normalize(spec, &batch, version as i64, file_idx, row, markers)?;
         drop(batch);
-        let (normalized, rejected) = screen(normalized, &raw_time_valid, latest_us)?;
         // The watermark comes from every key's events, so that all shards of a batch share it.
-        out.max_time = out.max_time.max(arrow::compute::max(
-            normalized
-                .column_by_name(TIME_COL)
-                .expect("normalized time column")
-                .as_primitive::<arrow::datatypes::Int64Type>(),
-        ));
+        out.max_time = out.max_time.max(kept_max_time(&normalized, latest_us));
         // The shard stage: from here on, only this shard's keys.
-        let own = |b: RecordBatch| -> Result<RecordBatch> {
-            match shard {
-                None => Ok(b),
-                Some(s) => {
-                    let mine = in_shard(&b, &spec.key_columns, s.index, s.count, s.function)?;
-                    Ok(arrow::compute::filter_record_batch(&b, &mine)?)
-                }
+        let (normalized, raw_time_valid) = match shard {
+            None => (normalized, raw_time_valid),
+            Some(s) => {
+                let mine = match key_buckets {
+                    Some(b) => {
+                        let (n, i) = (i64::from(s.count), i64::from(s.index));
+                        b.iter().map(|&b| Some(b % n == i)).collect()
+                    }
+                    None => in_shard(&normalized, &spec.key_columns, s.index, s.count, s.function)?,
+                };
+                let valid = arrow::compute::filter(&raw_time_valid, &mine)?;
+                (
+                    arrow::compute::filter_record_batch(&normalized, &mine)?,
+                    valid.as_boolean().clone(),
+                )
             }
         };
-        out.rejected.extend(rejected.map(own).transpose()?);
-        let normalized = own(normalized)?;
+        let (normalized, rejected) = screen(normalized, &raw_time_valid, latest_us)?;
+        out.rejected.extend(rejected);
         let compact = FilePiece::from_normalized(&normalized, version as i64, file_idx)?;
         drop(normalized);
         for (bucket, rows) in
@@ -703,7 +707,8 @@ async fn read_file(
     Ok(out)
 }
 
-/// With `--key-buckets`, every row of a file a shard reads must hold its key's bucket in the
+/// With `--key-buckets`, each row's bucket (see [`spark_buckets`]). Every row of a file a shard
+/// reads must hold its key's bucket in the
 /// bucket column: the shards of other buckets skipped this file on the strength of it, so a
 /// wrong bucket would lose its events. A mismatch stops the run before anything is written.
 fn check_buckets(
@@ -714,9 +719,9 @@ fn check_buckets(
     version: u64,
     file: &DataFile,
     first_row: i64,
-) -> Result<()> {
+) -> Result<Option<Vec<i64>>> {
     let (ShardFn::SparkBuckets(b), Some(column)) = (shard.function, &plan.bucket_column) else {
-        return Ok(());
+        return Ok(None);
     };
     let keys: Vec<ArrayRef> = spec
         .key_columns
@@ -737,7 +742,7 @@ fn check_buckets(
     )?;
     let have = have.as_primitive::<arrow::datatypes::Int64Type>();
     let Some(r) = (0..want.len()).find(|&r| have.is_null(r) || have.value(r) != want[r]) else {
-        return Ok(());
+        return Ok(Some(want));
     };
     let key: Vec<String> = keys
         .iter()
@@ -823,23 +828,59 @@ async fn read_file_times(
         return Ok(out);
     };
     let field = Arc::new(plan.schema.field(t).clone());
+    // The time column alone, in the table's type, under its logical name.
+    let as_raw = |times: &ArrayRef| -> Result<RecordBatch> {
+        let times = match times.data_type() == field.data_type() {
+            true => times.clone(),
+            false => cast(times, field.data_type())?,
+        };
+        let schema = Arc::new(Schema::new(vec![field.clone()]));
+        Ok(RecordBatch::try_new(schema, vec![times])?)
+    };
+    // The footer's statistics usually settle it, and nothing is decoded.
+    if let Some(maxes) = row_group_maxes(&builder, j)
+        && let Some(max) =
+            guarded_max_from_maxes(spec, &as_raw(&maxes)?, version as i64, latest_us)?
+    {
+        out.max_time = max;
+        return Ok(out);
+    }
     let mask = ProjectionMask::roots(builder.parquet_schema(), [j]);
     let mut stream = builder
         .with_projection(mask)
         .with_batch_size(64 * 1024)
         .build()?;
     while let Some(batch) = stream.next().await {
-        let batch = batch?;
-        let mut times = batch.column(0).clone();
-        if times.data_type() != field.data_type() {
-            times = cast(&times, field.data_type())?;
-        }
-        let raw = RecordBatch::try_new(Arc::new(Schema::new(vec![field.clone()])), vec![times])?;
+        let raw = as_raw(batch?.column(0))?;
         out.max_time = out
             .max_time
             .max(guarded_max_time(spec, &raw, version as i64, latest_us)?);
     }
     Ok(out)
+}
+
+/// The exact largest value of the file's top-level column `j` in each row group, from the
+/// footer's statistics, in the file's Arrow type; `None` when a row group has none (or only an
+/// inexact bound), or the column is not stored as plain 32- or 64-bit integers (a legacy INT96
+/// timestamp has no usable statistics).
+fn row_group_maxes(builder: &crate::delta::ParquetBuilder, j: usize) -> Option<ArrayRef> {
+    use parquet::arrow::arrow_reader::statistics::StatisticsConverter;
+    use parquet::basic::Type as Physical;
+    let schema = builder.schema();
+    let name = schema.field(j).name();
+    let parquet = builder.parquet_schema();
+    let stats = StatisticsConverter::try_new(name, schema, parquet).ok()?;
+    let leaf = stats.parquet_column_index()?;
+    if !matches!(
+        parquet.column(leaf).physical_type(),
+        Physical::INT64 | Physical::INT32
+    ) {
+        return None;
+    }
+    let groups = builder.metadata().row_groups();
+    let maxes = stats.row_group_maxes(groups).ok()?;
+    let exact = stats.row_group_is_max_value_exact(groups).ok()?;
+    (maxes.null_count() == 0 && exact.iter().all(|e| e == Some(true))).then_some(maxes)
 }
 
 /// Adds the projected columns that live in the file's partition values rather than in the file.

@@ -419,6 +419,32 @@ pub fn guarded_max_time(
     Ok(max_kept(us.as_primitive(), latest_us))
 }
 
+/// What [`guarded_max_time`] would find in a file, from the largest time of each of its row
+/// groups alone (their Parquet statistics, in the table's type), when those settle it: each is
+/// a representable time and none is past `latest_us`. Otherwise `None`: some row may be
+/// guarded out, and only its times can say which is the latest kept.
+pub fn guarded_max_from_maxes(
+    spec: &EventSpec,
+    maxes: &RecordBatch,
+    version: i64,
+    latest_us: Option<i64>,
+) -> Result<Option<Option<i64>>, ArrowError> {
+    let us = time_micros(spec, maxes, version)?;
+    let us: &Int64Array = us.as_primitive();
+    if us.null_count() > 0 || latest_us.is_some_and(|l| us.values().iter().any(|&t| t > l)) {
+        return Ok(None);
+    }
+    Ok(Some(arrow::compute::max(us)))
+}
+
+/// The latest event time of a normalized batch that [`screen`] would keep.
+pub fn kept_max_time(normalized: &RecordBatch, latest_us: Option<i64>) -> Option<i64> {
+    let times = normalized
+        .column_by_name(TIME_COL)
+        .expect("normalized time column");
+    max_kept(times.as_primitive(), latest_us)
+}
+
 /// The largest time that [`screen`] keeps: not null, and not past `latest_us`.
 fn max_kept(times: &Int64Array, latest_us: Option<i64>) -> Option<i64> {
     match latest_us {
@@ -522,7 +548,50 @@ mod screen_tests {
         assert!(out.is_none());
     }
 
+    /// Epoch-millisecond times in column `t` (with a key column `k`), and their spec.
+    fn millis(v: &[Option<i64>]) -> (EventSpec, RecordBatch) {
+        let schema = Schema::new(vec![
+            Field::new("k", DataType::Int64, true),
+            Field::new("t", DataType::Int64, true),
+        ]);
+        let spec = EventSpec::resolve(&schema, &["k".into()], "t", &[], &[]).unwrap();
+        let t = RecordBatch::try_new(
+            Arc::new(Schema::new(vec![schema.field(1).clone()])),
+            vec![Arc::new(Int64Array::from(v.to_vec()))],
+        )
+        .unwrap();
+        (spec, t)
+    }
+
     proptest::proptest! {
+        /// A file's row-group maxima give the latest time the guard keeps whenever they claim
+        /// to, and they do claim it when nothing is guarded out.
+        #[test]
+        fn row_group_maxima_settle_the_latest_time_only_when_they_can(
+            rows in proptest::collection::vec(proptest::option::of(proptest::prop_oneof![
+                -5i64..5,
+                // around the largest millisecond count that microseconds can hold
+                (i64::MAX / 1000 - 2)..(i64::MAX / 1000 + 2),
+            ]), 0..30),
+            group in 1usize..6,
+            latest in proptest::option::of(proptest::prop_oneof![-5i64..5, proptest::strategy::Just(i64::MAX - 1)]),
+        ) {
+            let (spec, all) = millis(&rows);
+            let maxes: Vec<Option<i64>> =
+                rows.chunks(group).map(|g| g.iter().flatten().copied().max()).collect();
+            let (_, maxes) = millis(&maxes);
+            let whole = guarded_max_time(&spec, &all, 0, latest).unwrap();
+            let settled = guarded_max_from_maxes(&spec, &maxes, 0, latest).unwrap();
+            if let Some(m) = settled {
+                proptest::prop_assert_eq!(m, whole);
+            }
+            let plain = rows.chunks(group).all(|g| g.iter().flatten().next().is_some())
+                && rows.iter().flatten().all(|&t| t.abs() < 5);
+            if plain && latest.is_none() {
+                proptest::prop_assert!(settled.is_some());
+            }
+        }
+
         /// The column-wise shortcut and the row-wise guard agree: the rows kept are those
         /// neither unrepresentable (null now, a value in the file) nor past the bound.
         #[test]

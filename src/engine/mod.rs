@@ -22,8 +22,8 @@ mod rules;
 mod shard;
 
 pub use input::{
-    EventSpec, FilePiece, Markers, SpecError, TimeKind, guarded_max_time, is_string_type,
-    normalize, screen, sum_input_name, sum_type,
+    EventSpec, FilePiece, Markers, SpecError, TimeKind, guarded_max_from_maxes, guarded_max_time,
+    is_string_type, kept_max_time, normalize, screen, sum_input_name, sum_type,
 };
 pub use output::{live_schema, rejected_schema, session_id, sessions_schema};
 pub use pairs::PairStatus;
