@@ -908,8 +908,10 @@ fn with_partition_columns(
     let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
     for f in missing {
         let value = file.partition_values[plan.partition_key(f.name())].clone();
-        let strings: ArrayRef = Arc::new(StringArray::from(vec![value; batch.num_rows()]));
-        cols.push(cast(&strings, f.data_type())?);
+        // The value is parsed once, then repeated for every row.
+        let one = cast(&StringArray::from(vec![value]), f.data_type())?;
+        let every_row = arrow::array::UInt32Array::from(vec![0u32; batch.num_rows()]);
+        cols.push(arrow::compute::take(&one, &every_row, None)?);
         fields.push(Arc::new(f.clone()));
     }
     Ok(RecordBatch::try_new_with_options(
