@@ -319,6 +319,32 @@ fn key_bucket_shards_read_only_their_files_and_equal_one_unsharded_run() {
         sql(&four.table("live_sessions"), LIVE)
     );
 
+    // A commit of events from a client clock in 2099: the event-time guard takes them out, so
+    // the footers' maxima cannot give the other shards' files their latest kept time, and
+    // those files' times are read; the watermark still stays where the unsharded run keeps it.
+    for b in [&one, &four] {
+        b.ok(&[
+            "generate-rows",
+            "--users",
+            "40",
+            "--per-user",
+            "2",
+            "--at",
+            "2099-01-01T00:00:00Z",
+            "--key-buckets",
+            "16",
+        ]);
+    }
+    let whole = one.ok(&["sessionize", "--output", "json"]).json();
+    assert_eq!(whole["rows_invalid"], 80, "{whole}");
+    let parts = all_shards(&four, 4, &BUCKETS);
+    for p in &parts {
+        assert_eq!(p["watermark"], whole["watermark"], "{p}");
+        assert!(p["files_watermark_only"].as_u64().unwrap() > 0, "{p}");
+    }
+    let sum = |k: &str| parts.iter().map(|p| p[k].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(sum("rows_invalid"), 80);
+
     // Reshard 4 -> 3 by the same buckets, more events, everything closed: still the same.
     four.ok(&["reshard", "--shards", "4", "--to", "3"]);
     for b in [&one, &four] {
