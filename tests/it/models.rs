@@ -20,11 +20,11 @@ fn t(hm: &str) -> i64 {
         .timestamp_micros()
 }
 
-fn ts_utc(v: Vec<i64>) -> ArrayRef {
+pub fn ts_utc(v: Vec<i64>) -> ArrayRef {
     Arc::new(TimestampMicrosecondArray::from(v).with_timezone("UTC"))
 }
 
-fn append(path: &Path, columns: Vec<(&str, ArrayRef)>) {
+pub fn append(path: &Path, columns: Vec<(&str, ArrayRef)>) {
     let schema = Arc::new(Schema::new(
         columns
             .iter()

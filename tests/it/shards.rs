@@ -425,3 +425,77 @@ fn a_bucket_column_that_does_not_hold_the_keys_bucket_is_refused_before_any_writ
         out.stderr()
     );
 }
+
+#[test]
+fn clustered_key_buckets_are_skipped_by_their_file_statistics() {
+    use std::sync::Arc;
+
+    use arrow::array::{ArrayRef, Int64Array, StringArray};
+
+    use crate::models::{append, ts_utc};
+
+    let (one, four) = (Base::new(), Base::new());
+    // 400 users with string ids, 3 events each. Commit c holds the users of buckets 2c and 2c+1
+    // of 8, in a table not partitioned by bucket: each file's min and max of `kb` span two
+    // buckets, as after OPTIMIZE ... ZORDER BY (kb). Shard s of 4 owns buckets s and s + 4.
+    let users: Vec<String> = (0..400).map(|u| format!("user-{u}")).collect();
+    let ids: ArrayRef = Arc::new(StringArray::from(users.clone()));
+    let buckets = sessionizer::engine::spark_buckets(&[ids], 8).unwrap();
+    let t0 = chrono::DateTime::parse_from_rfc3339("2026-02-15T00:00:00Z")
+        .unwrap()
+        .timestamp_micros();
+    for c in 0..4i64 {
+        let (mut who, mut at, mut kb) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, user) in users.iter().enumerate() {
+            if buckets[i] / 2 != c {
+                continue;
+            }
+            for e in 0..3 {
+                who.push(user.clone());
+                at.push(t0 + (c * 3 + e) * 20 * 60_000_000 + i as i64 * 1_000_000);
+                kb.push(buckets[i]);
+            }
+        }
+        for b in [&one, &four] {
+            append(
+                &b.table("events"),
+                vec![
+                    ("user", Arc::new(StringArray::from(who.clone())) as ArrayRef),
+                    ("visit_time", ts_utc(at.clone())),
+                    ("kb", Arc::new(Int64Array::from(kb.clone())) as ArrayRef),
+                ],
+            );
+        }
+    }
+    let whole = one
+        .ok(&["sessionize", "--key", "user", "--output", "json"])
+        .json();
+    let parts = all_shards(
+        &four,
+        4,
+        &[
+            "--key",
+            "user",
+            "--key-buckets",
+            "8",
+            "--bucket-column",
+            "kb",
+        ],
+    );
+    for p in &parts {
+        assert_eq!(
+            (p["files_read"].as_u64(), p["files_watermark_only"].as_u64()),
+            (Some(2), Some(2)),
+            "{p}"
+        );
+        assert_eq!(p["watermark"], whole["watermark"], "{p}");
+    }
+    let sum = |k: &str| parts.iter().map(|p| p[k].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(sum("rows_read"), 1200);
+    assert_eq!(one.rows("sessions"), four.rows("sessions"));
+    let live = "SELECT user, session_id, start_time, event_count FROM t ORDER BY user";
+    assert_eq!(
+        sql(&one.table("live_sessions"), live),
+        sql(&four.table("live_sessions"), live)
+    );
+}
