@@ -4,6 +4,7 @@
 # same tables as one run that was never hurt.
 #
 #   scripts/soak.sh [--bin PATH] [--rounds N] [--seed S] [--dir DIR] [--short]
+#                   [--live-mode M] [--shards N [--key-buckets B]]
 #
 #   --bin PATH   the sessionizer binary (default:
 #                ${CARGO_TARGET_DIR:-$HOME/.cache/sessionizer-target}/debug/sessionizer);
@@ -19,6 +20,13 @@
 #   --short      a CI-sized run: fewer rounds and commits (1-2 minutes with a debug binary)
 #   --live-mode M  the soak's runs upsert the live table with `--live-mode M` (rewrite or
 #                deletion-vectors); the reference always rewrites, so check 3 compares the two
+#   --shards N   every run is one shard of N (`--shards N --shard I`): each round first runs
+#                the other shards cleanly, then hurts shard (round mod N); the final clean and
+#                flush runs go over every shard. The reference stays one unsharded run, so
+#                check 3 also checks that N shards cutting their own batches equal it
+#   --key-buckets B  with --shards: the events carry Spark's pmod(xxhash64(user_id), B) and are
+#                partitioned by it (`generate-rows --key-buckets B`), and every shard run skips
+#                other shards' files (`--key-buckets B --bucket-column bucket`)
 #
 # Each round appends 1-3 commits of random events (`generate-rows --users U --per-user P
 # --seed S --at T`, T = 40 minutes later for each commit, so that every commit's events come
@@ -74,6 +82,8 @@ SEED=1
 DIR=""
 SHORT=0
 LIVE_MODE=rewrite
+SHARDS=""
+KEY_BUCKETS=""
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -83,12 +93,20 @@ while [ $# -gt 0 ]; do
         --dir) DIR="${2:?--dir needs a path}"; shift 2 ;;
         --short) SHORT=1; shift ;;
         --live-mode) LIVE_MODE="${2:?--live-mode needs rewrite or deletion-vectors}"; shift 2 ;;
+        --shards) SHARDS="${2:?--shards needs a number}"; shift 2 ;;
+        --key-buckets) KEY_BUCKETS="${2:?--key-buckets needs a number}"; shift 2 ;;
         -h|--help) usage ;;
         *) echo "soak: unknown option $1" >&2; usage ;;
     esac
 done
 ROUNDS="${ROUNDS:-$([ "$SHORT" = 1 ] && echo 20 || echo 40)}"
-case "$ROUNDS$SEED" in *[!0-9]*) echo "soak: --rounds and --seed take integers" >&2; exit 2 ;; esac
+case "$ROUNDS$SEED$SHARDS$KEY_BUCKETS" in *[!0-9]*) echo "soak: --rounds, --seed, --shards and --key-buckets take integers" >&2; exit 2 ;; esac
+if [ -n "$KEY_BUCKETS" ] && [ -z "$SHARDS" ]; then
+    echo "soak: --key-buckets needs --shards" >&2; exit 2
+fi
+GEN_FLAGS=()   # of every generate-rows
+[ -n "$KEY_BUCKETS" ] && GEN_FLAGS=(--key-buckets "$KEY_BUCKETS")
+SHARD=0        # the shard the next run is (with --shards)
 if [ ! -x "$BIN" ]; then
     echo "soak: no sessionizer binary at $BIN (build it, or pass --bin)" >&2
     exit 2
@@ -162,9 +180,14 @@ for r in range(1, rounds + 1):
 PY
 
 # ---- runs ------------------------------------------------------------------------------------
-common() { # sets CF: the flags of every sessionize run on base dir $1 (the reference: rewrite)
+common() { # sets CF: the flags of every sessionize run on base dir $1 (the reference: rewrite,
+    # unsharded); the soak's runs are shard $SHARD with --shards
     CF=(--base-dir "$1" --late-events "$1/late_events" --gap "$GAP" --watermark-delay "$DELAY" --output json)
-    if [ "$1" = "$BASE" ]; then CF+=(--live-mode "$LIVE_MODE"); fi
+    if [ "$1" = "$BASE" ]; then
+        CF+=(--live-mode "$LIVE_MODE")
+        [ -n "$SHARDS" ] && CF+=(--shards "$SHARDS" --shard "$SHARD")
+        [ -n "$KEY_BUCKETS" ] && CF+=(--key-buckets "$KEY_BUCKETS" --bucket-column bucket)
+    fi
 }
 declare -A CODES=()      # exit code -> runs
 declare -A FAULTS=()     # fault kind -> rounds
@@ -222,8 +245,10 @@ learn_duration() { # a run that did all its work tells how long runs take now
         UNIT_MS=$(( (UNIT_MS + ELAPSED / (BATCHES + 1)) / 2 ))
     fi
 }
-lock_holder() { # the pid holding the checkpoint lock, from `status` ("pid N on host ..."), or "none"
-    "$SBIN" status --base-dir "$BASE" --output json 2>/dev/null | python3 -c 'import json, re, sys
+lock_holder() { # the pid holding the (shard's) checkpoint lock, from `status` ("pid N on host ..."), or "none"
+    local cp=()
+    [ -n "$SHARDS" ] && cp=(--checkpoint "$BASE/checkpoint/shard-$SHARD-of-$SHARDS")
+    "$SBIN" status --base-dir "$BASE" "${cp[@]}" --output json 2>/dev/null | python3 -c 'import json, re, sys
 try:
     m = re.match(r"pid (\d+) ", json.load(sys.stdin).get("lock") or "")
     print(m.group(1) if m else "none")
@@ -255,7 +280,7 @@ while read -r round kind commits maxf permille fp nconc takeover_maxf; do
         users="${c%x*}"; per="${c#*x}"
         at="$(date -u -d "@$((T0 + VERSIONS * STEP))" +%Y-%m-%dT%H:%M:%SZ)"
         out="$("$SBIN" generate-rows --base-dir "$BASE" --users "$users" --per-user "$per" \
-            --seed "$(( SEED * 100000 + VERSIONS ))" --at "$at" 2>&1)" || {
+            --seed "$(( SEED * 100000 + VERSIONS ))" --at "$at" "${GEN_FLAGS[@]}" 2>&1)" || {
             echo "soak: generate-rows failed: $out" >&2; exit 1; }
         n="$(sed -n 's/.*appended \([0-9]*\) rows.* as version \([0-9]*\).*/\1/p' <<<"$out")"
         v="$(sed -n 's/.* as version \([0-9]*\).*/\1/p' <<<"$out")"
@@ -266,6 +291,18 @@ while read -r round kind commits maxf permille fp nconc takeover_maxf; do
     # The fault instant: a fraction (0-1) of how long this run should take.
     delay=$(( UNIT_MS * ((UNPROCESSED + maxf - 1) / maxf + 1) * permille / 1000 ))
     line="round $round: +${added% } rows; $kind:"
+    if [ -n "$SHARDS" ]; then
+        # The other shards run cleanly; the fault hurts this round's shard.
+        clean=""
+        for ((SHARD = 0; SHARD < SHARDS; SHARD++)); do
+            [ "$SHARD" = $(( round % SHARDS )) ] && continue
+            start_run "shard$SHARD" -- --max-files-per-batch "$maxf"
+            finish_run "$PID" "$TAG"
+            clean+=" $SHARD:$CODE"
+        done
+        SHARD=$(( round % SHARDS ))
+        line="round $round: +${added% } rows; shards run cleanly (shard:exit)$clean; shard $SHARD $kind:"
+    fi
     case "$kind" in
     none)
         start_run plain -- --max-files-per-batch "$maxf"
@@ -354,14 +391,15 @@ fi
 # ---- the end: a clean run and a flush, and the reference -------------------------------------
 round=99
 FINAL_OK=1
-start_run final -- --max-files-per-batch 2
-finish_run "$PID" "$TAG"
-echo "final clean run: exit $CODE, $BATCHES batch(es), $(json_field "$LOGS/$TAG.out" sessions_closed) sessions closed"
-[ "$CODE" = 0 ] || FINAL_OK=0
-start_run flush -- --max-files-per-batch 2 --flush
-finish_run "$PID" "$TAG"
-echo "flush run: exit $CODE, $(json_field "$LOGS/$TAG.out" sessions_closed) sessions closed"
-[ "$CODE" = 0 ] || FINAL_OK=0
+for final in "" --flush; do
+    for ((SHARD = 0; SHARD < ${SHARDS:-1}; SHARD++)); do
+        # shellcheck disable=SC2086
+        start_run "final${final:+-flush}" -- --max-files-per-batch 2 $final
+        finish_run "$PID" "$TAG"
+        echo "final ${final:+--flush }run${SHARDS:+ of shard $SHARD}: exit $CODE, $BATCHES batch(es), $(json_field "$LOGS/$TAG.out" sessions_closed) sessions closed"
+        [ "$CODE" = 0 ] || FINAL_OK=0
+    done
+done
 SOAK_MS=$(( $(now_ms) - SOAK_START ))
 
 mkdir -p "$REF"
@@ -414,7 +452,12 @@ compare() { # compare TABLE: rows of the soak vs the reference, as a multiset
     python3 - "$DIR/$1.soak.jsonl" "$DIR/$1.ref.jsonl" "$DIR/$1.diff.txt" <<'PY'
 import collections, json, sys
 def rows(path):
-    return collections.Counter(json.dumps(json.loads(l), sort_keys=True) for l in open(path) if l.strip())
+    # A sharded live table also has its partition column, which the reference has not.
+    def row(line):
+        r = json.loads(line)
+        r.pop("shard", None)
+        return json.dumps(r, sort_keys=True)
+    return collections.Counter(row(l) for l in open(path) if l.strip())
 soak, ref = rows(sys.argv[1]), rows(sys.argv[2])
 only_soak, only_ref = soak - ref, ref - soak
 with open(sys.argv[3], "w") as f:
@@ -444,7 +487,7 @@ faults=""; for k in kill stop concurrent failpoint none; do faults+=" $k=${FAULT
 codes=""; for c in $(printf '%s\n' "${!CODES[@]}" | sort -n); do codes+=" $c=${CODES[$c]}"; done
 TOTAL_MS=$(( $(now_ms) - SOAK_START ))
 verdict=PASS; [ "$PASSED" = "$CHECKS" ] || verdict=FAIL
-echo "soak: $verdict seed $SEED, $ROUNDS rounds, $VERSIONS commits, $ROWS_GENERATED events;" \
+echo "soak: $verdict seed $SEED, $ROUNDS rounds${SHARDS:+, $SHARDS shards}${KEY_BUCKETS:+ by $KEY_BUCKETS key buckets}, $VERSIONS commits, $ROWS_GENERATED events;" \
      "faults:$faults (kill -9 after the run ended: $KILL_MISSED);" \
      "$RUN_N runs by exit code:$codes; stale runs exited 0 after takeover: $STALE_EXIT0 of $STALE_TOTAL;" \
      "checks passed $PASSED/$CHECKS; $(( SOAK_MS / 1000 )) s of rounds, $(( TOTAL_MS / 1000 )) s in all"
