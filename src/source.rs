@@ -507,6 +507,37 @@ pub fn need(file: &DataFile, plan: &ReadPlan, shard: Option<Shard>) -> Need {
     }
 }
 
+/// With `--key-buckets`, says when the log cannot narrow some files to fewer buckets than there
+/// are shards: every shard decodes those, so the layout (not partitioned or clustered by the
+/// bucket column, or written without statistics for it) costs what it would without key
+/// buckets.
+fn warn_unbucketed(versions: &[VersionFiles], plan: &ReadPlan, shard: Option<Shard>) {
+    let (Some(s), Some(column)) = (shard, plan.bucket_column.as_deref()) else {
+        return;
+    };
+    if !matches!(s.function, ShardFn::SparkBuckets(_)) {
+        return;
+    }
+    let files = versions.iter().flat_map(|v| &v.files);
+    let wide = files
+        .clone()
+        .filter(|f| match bucket_range(f, plan.partition_key(column)) {
+            None => true,
+            Some((lo, hi)) => hi.saturating_sub(lo) >= i64::from(s.count) - 1,
+        })
+        .count();
+    if wide > 0 {
+        tracing::warn!(
+            "{wide} of {} new data files may hold the keys of every shard, by the Delta log (no \
+             partition value of `{column}`, and no min/max statistics of it or a range of {} \
+             buckets or more): every shard decodes them whole. Partition the events table by \
+             `{column}`, or cluster it (ZORDER BY {column})",
+            files.count(),
+            s.count
+        );
+    }
+}
+
 /// The smallest and largest key bucket a file holds, from its partition value or its column
 /// statistics (`key` is the column's name in the log); `None` when the log does not tell, or
 /// tells of a null bucket.
@@ -557,6 +588,7 @@ pub async fn read_events(
             })
         })
         .collect();
+    warn_unbucketed(versions, plan, shard);
     let spec = Arc::new(spec.clone());
     let plan = Arc::new(plan.clone());
     let parallel = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;

@@ -499,3 +499,56 @@ fn clustered_key_buckets_are_skipped_by_their_file_statistics() {
         sql(&four.table("live_sessions"), live)
     );
 }
+
+#[test]
+fn a_layout_that_no_shard_can_skip_is_named_in_a_warning() {
+    use std::sync::Arc;
+
+    use arrow::array::{ArrayRef, Int64Array};
+
+    use crate::models::{append, ts_utc};
+
+    // Key buckets written but the table neither partitioned nor clustered by them: the one
+    // file holds every bucket, so every shard decodes it, and says so.
+    let base = Base::new();
+    let users: Vec<i64> = (1..=60).collect();
+    let ids: ArrayRef = Arc::new(Int64Array::from(users.clone()));
+    let kb = sessionizer::engine::spark_buckets(&[ids.clone()], 8).unwrap();
+    let t0 = 1_771_113_600_000_000i64; // 2026-02-15T00:00:00Z
+    append(
+        &base.table("events"),
+        vec![
+            ("user_id", ids),
+            (
+                "visit_time",
+                ts_utc(users.iter().map(|u| t0 + u * 1_000_000).collect()),
+            ),
+            ("kb", Arc::new(Int64Array::from(kb)) as ArrayRef),
+        ],
+    );
+    let out = base.ok(&[
+        "sessionize",
+        "--output",
+        "json",
+        "--shards",
+        "2",
+        "--shard",
+        "0",
+        "--key-buckets",
+        "8",
+        "--bucket-column",
+        "kb",
+    ]);
+    assert!(
+        out.stderr()
+            .contains("1 of 1 new data files may hold the keys of every shard"),
+        "{}",
+        out.stderr()
+    );
+    let s = out.json();
+    assert_eq!(
+        (s["files_read"].as_u64(), s["files_watermark_only"].as_u64()),
+        (Some(1), Some(0)),
+        "{s}"
+    );
+}
