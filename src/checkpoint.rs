@@ -58,6 +58,10 @@ const PROGRESS_KEY: &str = "sessionizer";
 pub const LOCK_TTL: chrono::Duration = chrono::Duration::minutes(10);
 pub const LOCK_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// The newest identity format this release reads. Format 2 records a shard function
+/// (`--key-buckets`); checkpoints without one keep writing format 1, which every release reads.
+pub const IDENTITY_FORMAT: u32 = 2;
+
 /// What a checkpoint belongs to. A run with other settings is refused: its sessions would not
 /// continue the ones already written.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +102,13 @@ impl Identity {
 
     /// Explains the first setting in which `wanted` differs from this checkpoint.
     pub fn check_matches(&self, wanted: &Identity, loc: &TableLocation) -> Result<()> {
+        if self.format > IDENTITY_FORMAT {
+            return Err(Error::Checkpoint(format!(
+                "the checkpoint `{loc}` was made by a newer release of sessionizer (checkpoint \
+                 format {}, this release reads up to {IDENTITY_FORMAT}); run it with that release",
+                self.format
+            )));
+        }
         let diffs = [
             (
                 "events table",
@@ -884,5 +895,50 @@ mod tests {
             ..holder(&me)
         };
         assert!(released.is_free(Utc::now(), &me));
+    }
+}
+
+#[cfg(test)]
+mod identity_tests {
+    use super::*;
+
+    fn identity(format: u32, shard_function: &str) -> Identity {
+        Identity {
+            format,
+            checkpoint_id: "c".into(),
+            events_table: "file:///e".into(),
+            events_table_id: "id".into(),
+            keys: vec!["user_id".into()],
+            key_types: vec!["Int64".into()],
+            time_column: "t".into(),
+            gap: "30m".into(),
+            watermark_delay: "0".into(),
+            collect: vec![],
+            sums: vec![],
+            sum_types: vec![],
+            rules: String::new(),
+            shard_function: shard_function.into(),
+            created_at: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_of_a_newer_format_or_another_shard_function_is_refused() {
+        let loc = TableLocation::from_path(std::path::Path::new("/tmp/cp")).unwrap();
+        let buckets = "pmod(xxhash64(key), 16)";
+        assert!(
+            identity(2, buckets)
+                .check_matches(&identity(2, buckets), &loc)
+                .is_ok()
+        );
+        assert!(
+            identity(1, "")
+                .check_matches(&identity(1, ""), &loc)
+                .is_ok()
+        );
+        let newer = identity(IDENTITY_FORMAT + 1, "").check_matches(&identity(1, ""), &loc);
+        assert!(matches!(newer, Err(Error::Checkpoint(m)) if m.contains("newer release")));
+        let other = identity(2, buckets).check_matches(&identity(1, ""), &loc);
+        assert!(matches!(other, Err(Error::Usage(m)) if m.contains("--key-buckets")));
     }
 }

@@ -773,6 +773,23 @@ fn check_buckets(
         &DataType::Int64,
     )?;
     let have = have.as_primitive::<arrow::datatypes::Int64Type>();
+    // Other shards skipped this file by the range the log gives: a row outside it would be
+    // lost to every shard, however right its bucket.
+    let logged = bucket_range(file, plan.partition_key(column));
+    let outside = |b: i64| logged.is_some_and(|(lo, hi)| b < lo || b > hi);
+    if let Some(r) = (0..want.len()).find(|&r| have.is_valid(r) && outside(have.value(r))) {
+        let (lo, hi) = logged.expect("outside a logged range");
+        return Err(Error::usage(format!(
+            "row {} of data file `{}` (events version {version}) has bucket {} in \
+             --bucket-column `{column}`, but the Delta log says the file holds buckets {lo}..={hi} \
+             (its partition value or min/max statistics), and shards skip files by the log. The \
+             table's log disagrees with its data: rewrite that file (or its partition) with a \
+             writer that records them together. This shard wrote nothing for this batch",
+            first_row + r as i64,
+            file.path,
+            have.value(r),
+        )));
+    }
     let Some(r) = (0..want.len()).find(|&r| have.is_null(r) || have.value(r) != want[r]) else {
         return Ok(Some(want));
     };
@@ -788,9 +805,11 @@ fn check_buckets(
     Err(Error::usage(format!(
         "row {} of data file `{}` (events version {version}) has key ({}) in bucket {found} of \
          --bucket-column `{column}`, but pmod(xxhash64({}), {b}) is {}. Shards skip files by \
-         that column, so every row must hold its key's bucket: compute it in the writer as \
-         Spark's pmod(xxhash64({}), {b}), or run with the --key-buckets the writer used. \
-         Nothing was written",
+         that column, so every row must hold its key's bucket. This shard wrote nothing for \
+         this batch (shards that skipped the file may have). If the writer used another B, \
+         start every shard anew with it: new --checkpoint, --sessions and --live locations, \
+         `--key-buckets` set to the writer's B. If the writer computes the bucket otherwise, \
+         make it compute Spark's pmod(xxhash64({}), {b}) and rewrite the files written so far",
         first_row + r as i64,
         file.path,
         key.join(", "),
@@ -891,10 +910,9 @@ async fn read_file_times(
     Ok(out)
 }
 
-/// The exact largest value of the file's top-level column `j` in each row group, from the
-/// footer's statistics, in the file's Arrow type; `None` when a row group has none (or only an
-/// inexact bound), or the column is not stored as plain 32- or 64-bit integers (a legacy INT96
-/// timestamp has no usable statistics).
+/// The largest value of the file's top-level column `j` in each row group, from the footer's
+/// statistics, in the file's Arrow type; `None` when a row group has none, or the column is not
+/// stored as 32- or 64-bit integers (a legacy INT96 timestamp has no usable statistics).
 fn row_group_maxes(builder: &crate::delta::ParquetBuilder, j: usize) -> Option<ArrayRef> {
     use parquet::arrow::arrow_reader::statistics::StatisticsConverter;
     use parquet::basic::Type as Physical;
@@ -909,10 +927,11 @@ fn row_group_maxes(builder: &crate::delta::ParquetBuilder, j: usize) -> Option<A
     ) {
         return None;
     }
+    // Only byte arrays have truncated statistics: an integer maximum is exact, whether or not
+    // the writer set the flag that says so (parquet-java does not).
     let groups = builder.metadata().row_groups();
     let maxes = stats.row_group_maxes(groups).ok()?;
-    let exact = stats.row_group_is_max_value_exact(groups).ok()?;
-    (maxes.null_count() == 0 && exact.iter().all(|e| e == Some(true))).then_some(maxes)
+    (maxes.null_count() == 0).then_some(maxes)
 }
 
 /// Adds the projected columns that live in the file's partition values rather than in the file.

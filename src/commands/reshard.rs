@@ -78,6 +78,13 @@ pub async fn reshard(args: &ReshardArgs) -> Result<ReshardReport> {
                 "shard {i} of {from} was already replaced by another reshard ({r})"
             )));
         }
+        if ShardFn::from_recorded(&identity.shard_function).is_none() {
+            return Err(Error::Checkpoint(format!(
+                "shard {i} of {from} splits keys by `{}`, which this release of sessionizer does \
+                 not know; reshard with the release that made it (nothing was changed)",
+                identity.shard_function
+            )));
+        }
         if let Some((_, first)) = olds.first()
             && first.shard_function != identity.shard_function
         {
@@ -193,13 +200,8 @@ async fn repartition(
     progress: &Progress,
     live: &TableLocation,
 ) -> Result<u64> {
-    let function = ShardFn::from_recorded(&template.shard_function).ok_or_else(|| {
-        Error::Checkpoint(format!(
-            "the shard checkpoints split keys by `{}`, which this release of sessionizer does \
-             not know; reshard with the release that made them",
-            template.shard_function
-        ))
-    })?;
+    let function = ShardFn::from_recorded(&template.shard_function)
+        .expect("checked before any shard was retired");
     let shards = if pending.num_rows() > 0 {
         shard_of(&pending, keys, to, function)?
     } else {

@@ -399,7 +399,15 @@ impl<'a> Job<'a> {
             _ => read_plan,
         };
         let wanted = Identity {
-            format: 1,
+            // Format 2 only where it matters: releases before it ignore a shard function.
+            format: if settings
+                .shard
+                .is_some_and(|s| s.function != crate::engine::ShardFn::Mix)
+            {
+                crate::checkpoint::IDENTITY_FORMAT
+            } else {
+                1
+            },
             checkpoint_id: uuid::Uuid::new_v4().to_string(),
             events_table: t.events.url().to_string(),
             events_table_id: events.snapshot()?.metadata().id().to_string(),
@@ -459,6 +467,53 @@ impl<'a> Job<'a> {
         Ok(next)
     }
 
+    /// The identities of the other shards' checkpoints that exist, with their shard numbers.
+    async fn sibling_identities(&self, s: crate::config::Shard) -> Result<Vec<(u32, Identity)>> {
+        let root = self.settings.tables.checkpoint.parent();
+        let mut found = Vec::new();
+        for j in (0..s.count).filter(|&j| j != s.index) {
+            let name = crate::config::shard_checkpoint_name(j, s.count);
+            if let Some(id) = Checkpoint::at(&root.join(&name))?.identity().await? {
+                found.push((j, id));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Every shard of a run must split the keys by the same function: shards that disagree
+    /// would each miss some keys and fold others twice. Checked on every run before the lock,
+    /// and again right after a new shard checkpoint records its identity, so that of two shards
+    /// started together with different `--key-buckets`, the later one to record its identity
+    /// sees the other's and stops before its first commit.
+    async fn refuse_other_shard_functions(&self, just_created: bool) -> Result<()> {
+        let Some(s) = self.settings.shard else {
+            return Ok(());
+        };
+        for (j, id) in self.sibling_identities(s).await? {
+            if id.shard_function == self.wanted.shard_function {
+                continue;
+            }
+            let fix = if just_created {
+                format!(
+                    " This shard's checkpoint `{}` was created by this run and holds no batch: \
+                     delete that folder, then rerun with the flags of shard {j}",
+                    self.settings.tables.checkpoint
+                )
+            } else {
+                String::new()
+            };
+            return Err(Error::usage(format!(
+                "shard {j} of {} was started with {}, and this shard with {}: all shards of a \
+                 run must split the keys the same way. Run this shard with {}.{fix}",
+                s.count,
+                describe_shard_function(&id.shard_function),
+                describe_shard_function(&self.wanted.shard_function),
+                describe_shard_function(&id.shard_function),
+            )));
+        }
+        Ok(())
+    }
+
     /// A new checkpoint must not write to tables that another checkpoint wrote: its batches
     /// would repeat theirs. Checked by reading only, before anything is written.
     async fn refuse_foreign_outputs(&self) -> Result<()> {
@@ -467,25 +522,8 @@ impl<'a> Job<'a> {
         // The other shards of a sharded run write the same tables, each under its own app id.
         let mut siblings = Vec::new();
         if let Some(s) = self.settings.shard {
-            let root = t.checkpoint.parent();
-            for j in (0..s.count).filter(|&j| j != s.index) {
-                let name = crate::config::shard_checkpoint_name(j, s.count);
-                if let Some(id) = Checkpoint::at(&root.join(&name))?.identity().await? {
-                    // Shards that split the keys by different functions would each miss some
-                    // keys and fold others twice.
-                    if id.shard_function != self.wanted.shard_function {
-                        return Err(Error::usage(format!(
-                            "shard {j} of {} was started with {}, and this shard with {}: all \
-                             shards of a run must split the keys the same way. Run this shard \
-                             with {}",
-                            s.count,
-                            describe_shard_function(&id.shard_function),
-                            describe_shard_function(&self.wanted.shard_function),
-                            describe_shard_function(&id.shard_function),
-                        )));
-                    }
-                    siblings.push(id.app_id());
-                }
+            for (_, id) in self.sibling_identities(s).await? {
+                siblings.push(id.app_id());
             }
         }
         let mut outputs = vec![("--sessions", &t.sessions), ("--live", &t.live)];
@@ -537,6 +575,7 @@ pub async fn run(settings: &Settings) -> Result<RunSummary> {
             job.refuse_foreign_outputs().await?;
         }
     }
+    job.refuse_other_shard_functions(false).await?;
     let lock = cp.lock(settings.break_lock).await?;
     failpoint::pause("pause-after-lock").await;
     let started_ms = started.elapsed().as_millis() as u64;
@@ -729,6 +768,7 @@ impl Batch<'_> {
             let id = self.cp.write_identity(&self.job.wanted).await?;
             // A run that created the checkpoint first won: its settings must fit.
             id.check_matches(&self.job.wanted, &self.cp.loc)?;
+            self.job.refuse_other_shard_functions(true).await?;
             self.identity = Some(id);
         }
         let mut tables = Vec::new();

@@ -502,30 +502,10 @@ fn clustered_key_buckets_are_skipped_by_their_file_statistics() {
 
 #[test]
 fn a_layout_that_no_shard_can_skip_is_named_in_a_warning() {
-    use std::sync::Arc;
-
-    use arrow::array::{ArrayRef, Int64Array};
-
-    use crate::models::{append, ts_utc};
-
     // Key buckets written but the table neither partitioned nor clustered by them: the one
     // file holds every bucket, so every shard decodes it, and says so.
     let base = Base::new();
-    let users: Vec<i64> = (1..=60).collect();
-    let ids: ArrayRef = Arc::new(Int64Array::from(users.clone()));
-    let kb = sessionizer::engine::spark_buckets(&[ids.clone()], 8).unwrap();
-    let t0 = 1_771_113_600_000_000i64; // 2026-02-15T00:00:00Z
-    append(
-        &base.table("events"),
-        vec![
-            ("user_id", ids),
-            (
-                "visit_time",
-                ts_utc(users.iter().map(|u| t0 + u * 1_000_000).collect()),
-            ),
-            ("kb", Arc::new(Int64Array::from(kb)) as ArrayRef),
-        ],
-    );
+    every_bucket_in_one_file(&base);
     let out = base.ok(&[
         "sessionize",
         "--output",
@@ -551,4 +531,78 @@ fn a_layout_that_no_shard_can_skip_is_named_in_a_warning() {
         (Some(1), Some(0)),
         "{s}"
     );
+}
+
+#[test]
+fn a_log_whose_bucket_statistics_disagree_with_the_data_is_refused() {
+    // One unpartitioned file of every bucket of 8; then its log entry is edited to claim
+    // buckets 4..=7 only (a writer or a tool that recorded statistics of other data). Shard 1
+    // of 4 (buckets 1 and 5) reads it on the log's word and finds a row of bucket 0..3:
+    // trusting the log would have lost that row to every shard.
+    let base = Base::new();
+    let kb = every_bucket_in_one_file(&base);
+    assert!(kb.iter().any(|&b| b < 4));
+    let log = base.table("events").join("_delta_log");
+    let mut edited = 0;
+    for entry in std::fs::read_dir(&log).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<String> = text
+            .lines()
+            .map(|line| {
+                let mut action: serde_json::Value = serde_json::from_str(line).unwrap();
+                if let Some(stats) = action["add"]["stats"].as_str() {
+                    let mut stats: serde_json::Value = serde_json::from_str(stats).unwrap();
+                    stats["minValues"]["kb"] = 4.into();
+                    action["add"]["stats"] = stats.to_string().into();
+                    edited += 1;
+                }
+                action.to_string()
+            })
+            .collect();
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    }
+    assert_eq!(edited, 1);
+    let out = base.run(&[
+        "sessionize",
+        "--shards",
+        "4",
+        "--shard",
+        "1",
+        "--key-buckets",
+        "8",
+        "--bucket-column",
+        "kb",
+    ]);
+    assert_eq!(out.code(), 2, "{}", out.stderr());
+    assert!(out.stderr().contains("buckets 4..=7"), "{}", out.stderr());
+    assert_eq!(output_versions(&base), [None, None, None]);
+}
+
+/// Events of users 1..=60 in one unpartitioned file, with their bucket of 8 in `kb` (so every
+/// bucket is in it); returns the buckets.
+fn every_bucket_in_one_file(base: &Base) -> Vec<i64> {
+    use std::sync::Arc;
+
+    use arrow::array::{ArrayRef, Int64Array};
+
+    use crate::models::{append, ts_utc};
+
+    let users: Vec<i64> = (1..=60).collect();
+    let ids: ArrayRef = Arc::new(Int64Array::from(users.clone()));
+    let kb = sessionizer::engine::spark_buckets(std::slice::from_ref(&ids), 8).unwrap();
+    let t0 = 1_771_113_600_000_000i64; // 2026-02-15T00:00:00Z
+    let times = users.iter().map(|u| t0 + u * 1_000_000).collect();
+    append(
+        &base.table("events"),
+        vec![
+            ("user_id", ids),
+            ("visit_time", ts_utc(times)),
+            ("kb", Arc::new(Int64Array::from(kb.clone())) as ArrayRef),
+        ],
+    );
+    kb
 }
