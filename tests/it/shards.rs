@@ -6,7 +6,12 @@ use std::process::{Command, Stdio};
 use crate::util::*;
 
 fn generate(base: &Base) {
-    base.ok(&[
+    generate_with(base, &[]);
+}
+
+/// [`generate`]'s events, with more `generate-rows` flags.
+fn generate_with(base: &Base, extra: &[&str]) {
+    let args = [
         "generate-rows",
         "--rows",
         "6000",
@@ -18,7 +23,8 @@ fn generate(base: &Base) {
         "5",
         "--at",
         "2026-02-15T00:00:00Z",
-    ]);
+    ];
+    base.ok(&[&args[..], extra].concat());
 }
 
 /// Runs `sessionize` for every shard at once, as separate processes, and checks they succeed.
@@ -267,21 +273,7 @@ const BUCKETS: [&str; 4] = ["--key-buckets", "16", "--bucket-column", "bucket"];
 #[test]
 fn key_bucket_shards_read_only_their_files_and_equal_one_unsharded_run() {
     let (one, four) = (Base::new(), Base::new());
-    one.ok(&[
-        "generate-rows",
-        "--rows",
-        "6000",
-        "--commits",
-        "4",
-        "--users",
-        "300",
-        "--seed",
-        "5",
-        "--at",
-        "2026-02-15T00:00:00Z",
-        "--key-buckets",
-        "16",
-    ]);
+    generate_with(&one, &["--key-buckets", "16"]);
     copy_dir(&one.table("events"), &four.table("events"));
     let (late_one, late_four) = (one.table("late"), four.table("late"));
     let whole = one
